@@ -1,0 +1,91 @@
+"""Class names, palettes and label mappings of the datasets PSPNet is trained on.
+
+Facts, not code: names in each dataset's own order (index = train id), colours
+as ``[r, g, b]`` lists.
+"""
+
+from __future__ import annotations
+
+IGNORE_LABEL = 255
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+# Cityscapes gtFine labelIds -> the 19 train ids (every other id is ignored).
+CITYSCAPES_LABEL_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+
+# ADE20K SceneParsing (ADEChallengeData2016): annotation value k (1..150) is
+# train id k - 1; value 0 ("other") is ignored.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
+    "grass", "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant",
+    "curtain", "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea",
+    "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock", "wardrobe",
+    "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator",
+    "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow", "screen door",
+    "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer",
+    "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman",
+    "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt",
+    "canopy", "washer", "plaything", "swimming pool", "stool", "barrel", "basket",
+    "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan",
+    "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)  # fmt: skip
+
+
+def bit_palette(num_colours=256):
+    """The PASCAL VOC colour map: class index bits spread over the r, g, b channels.
+
+    Colour ``k`` takes bit ``3j + c`` of ``k`` into bit ``7 - j`` of channel ``c``.
+    VOC's palette PNGs use it, and it gives any number of distinct colours.
+    """
+    palette = []
+    for k in range(num_colours):
+        rgb, value = [0, 0, 0], k
+        for j in range(8):
+            for c in range(3):
+                rgb[c] |= ((value >> c) & 1) << (7 - j)
+            value >>= 3
+        palette.append(tuple(rgb))
+    return tuple(palette)
+
+
+VOC_PALETTE = bit_palette(len(VOC_CLASSES))
+# ADE20K publishes no palette of its own in the challenge data; use the bit map.
+ADE20K_PALETTE = bit_palette(len(ADE20K_CLASSES) + 1)[1:]
+
+DATASETS = {
+    "voc": {"classes": VOC_CLASSES, "palette": VOC_PALETTE},
+    "cityscapes": {"classes": CITYSCAPES_CLASSES, "palette": CITYSCAPES_PALETTE},
+    "ade20k": {"classes": ADE20K_CLASSES, "palette": ADE20K_PALETTE},
+}
+
+
+def default_palette(num_classes):
+    """A palette for ``num_classes`` classes: VOC's colours (index 0 black) extended."""
+    return bit_palette(num_classes)
