@@ -5,10 +5,15 @@ inside ``tf.function``); :func:`scores_from_confusion` turns a confusion matrix
 into mIoU, pixel accuracy, mean class accuracy and per-class IoU in numpy.
 Classes absent from both the labels and the predictions have no IoU (NaN in
 ``per_class_iou``) and are left out of the means.
+
+:class:`MeanIoU`, :class:`PixelAccuracy` and :class:`MeanClassAccuracy` are the
+streaming Keras metrics built on them (for ``model.compile`` and evaluation
+loops); their ``scores()`` method returns every score, per-class IoU included.
 """
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -70,3 +75,137 @@ def scores_from_confusion(confusion):
         "per_class_iou": iou.tolist(),
         "per_class_accuracy": accuracy.tolist(),
     }
+
+
+def _scores_tf(confusion):
+    """``(miou, pixel_accuracy, mean_class_accuracy)`` of a float confusion matrix, in TF
+    ops for ``Metric.result()`` (:func:`scores_from_confusion` is the numpy twin)."""
+    true_positive = tf.linalg.diag_part(confusion)
+    label_count = tf.reduce_sum(confusion, axis=1)
+    union = label_count + tf.reduce_sum(confusion, axis=0) - true_positive
+
+    def mean_where_present(numerator, denominator):
+        present = denominator > 0
+        values = tf.where(present, tf.math.divide_no_nan(numerator, denominator), 0.0)
+        return tf.math.divide_no_nan(
+            tf.reduce_sum(values), tf.reduce_sum(tf.cast(present, confusion.dtype))
+        )
+
+    pixel_accuracy = tf.math.divide_no_nan(tf.reduce_sum(true_positive), tf.reduce_sum(label_count))
+    return (
+        mean_where_present(true_positive, union),
+        pixel_accuracy,
+        mean_where_present(true_positive, label_count),
+    )
+
+
+class _ConfusionMatrixMetric(keras.metrics.Metric):
+    """Accumulates a confusion matrix over batches; subclasses pick the score.
+
+    Args:
+        num_classes: int.
+        ignore_label: int. Label value left out of the counts. Defaults to 255.
+        name: str or None.
+        dtype: dtype of the result. Defaults to float32.
+
+    ``update_state(y_true, y_pred)`` takes labels ``(batch, height, width)`` and
+    logits or probabilities ``(batch, height, width, num_classes)`` (argmax is
+    taken) or class indices of the labels' shape. The counts are float64, exact
+    up to 2**53 pixels per cell.
+    """
+
+    _score_index = None
+
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name=None, dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.num_classes = int(num_classes)
+        self.ignore_label = int(ignore_label)
+        self.confusion = self.add_variable(
+            shape=(self.num_classes, self.num_classes),
+            initializer="zeros",
+            dtype="float64",
+            name="confusion",
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError(f"{self.name} does not take sample_weight; use label 255 to ignore")
+        y_true = tf.convert_to_tensor(y_true)
+        y_pred = tf.convert_to_tensor(y_pred)
+        if y_pred.shape.rank == y_true.shape.rank + 1:
+            y_pred = tf.argmax(y_pred, axis=-1)
+        counts = confusion_matrix(y_true, y_pred, self.num_classes, self.ignore_label)
+        self.confusion.assign_add(tf.cast(counts, "float64"))
+
+    def result(self):
+        score = _scores_tf(tf.convert_to_tensor(self.confusion))[self._score_index]
+        return tf.cast(score, self.dtype)
+
+    def reset_state(self):
+        self.confusion.assign(tf.zeros_like(self.confusion))
+
+    def scores(self):
+        """All scores of what was accumulated, read after evaluation.
+
+        Returns:
+            :func:`scores_from_confusion`'s dict: ``miou``, ``pixel_accuracy``,
+            ``mean_class_accuracy``, ``per_class_iou`` and ``per_class_accuracy``
+            (lists of ``num_classes`` floats, NaN for absent classes).
+        """
+        return scores_from_confusion(keras.ops.convert_to_numpy(self.confusion))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, ignore_label=self.ignore_label)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="pspnet_tf")
+class MeanIoU(_ConfusionMatrixMetric):
+    """Streaming mean intersection over union, the paper's mIoU.
+
+    Classes absent from both the labels and the predictions seen so far have no
+    IoU and are left out of the mean (so a validation set without some class is
+    not penalised for it). ``scores()["per_class_iou"]`` gives every class's IoU
+    (NaN where absent). Args as :class:`_ConfusionMatrixMetric`; name ``"miou"``.
+
+    Example:
+    >>> metric = MeanIoU(num_classes=3)
+    >>> metric.update_state([[0, 1, 255]], [[0, 0, 2]])
+    >>> float(metric.result())  # class 0: 1/2, class 1: 0/1, class 2 absent
+    0.25
+    """
+
+    _score_index = 0
+
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name="miou", dtype=None):
+        super().__init__(num_classes, ignore_label, name=name, dtype=dtype)
+
+
+@keras.saving.register_keras_serializable(package="pspnet_tf")
+class PixelAccuracy(_ConfusionMatrixMetric):
+    """Streaming fraction of valid (not ignored) pixels labelled correctly.
+
+    Args as :class:`_ConfusionMatrixMetric`; name ``"pixel_accuracy"``.
+    """
+
+    _score_index = 1
+
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name="pixel_accuracy", dtype=None):
+        super().__init__(num_classes, ignore_label, name=name, dtype=dtype)
+
+
+@keras.saving.register_keras_serializable(package="pspnet_tf")
+class MeanClassAccuracy(_ConfusionMatrixMetric):
+    """Streaming mean over classes of the per-class pixel accuracy (recall).
+
+    Classes without pixels in the labels seen so far are left out of the mean.
+    Args as :class:`_ConfusionMatrixMetric`; name ``"mean_class_accuracy"``.
+    """
+
+    _score_index = 2
+
+    def __init__(
+        self, num_classes, ignore_label=IGNORE_LABEL, name="mean_class_accuracy", dtype=None
+    ):
+        super().__init__(num_classes, ignore_label, name=name, dtype=dtype)
