@@ -177,8 +177,8 @@ def _child(args):
     return run_case(kind, backbone, int(batch), int(size), precision, int(runs))
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="pspnet-tf benchmark", description=__doc__.split("\n")[0])
+def add_arguments(parser):
+    """The benchmark's options (shared by ``pspnet-tf benchmark`` and ``python -m``)."""
     parser.add_argument("--quick", action="store_true", help="MobileNetV2 and ResNet-50, 5 runs")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 10)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -192,7 +192,12 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="pspnet-tf benchmark", description=__doc__.split("\n")[0])
+    return run(add_arguments(parser).parse_args(argv))
+
+
+def run(args):
+    """Runs the benchmark for parsed arguments; prints the table."""
     if args.child:  # one measurement in a fresh process, JSON on stdout
         print(json.dumps(_child(args.child)))
         return 0
