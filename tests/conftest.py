@@ -40,3 +40,49 @@ def randomize_weights(model, seed=0):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """Path of a tiny generated VOC-layout dataset: 8 train, 4 val images of 64x64, 6 classes.
+
+    Classes are ``pspnet_tf.data.DEMO_CLASSES``; read it with
+    ``load_dataset(demo_dataset, "voc", "train", len(DEMO_CLASSES), ...)``.
+    """
+    from pspnet_tf.demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "voc"
+    return make_demo_dataset(root, num_train=8, num_val=4, size=64, seed=0)
+
+
+@pytest.fixture
+def pixelwise_model():
+    """Factory of a tiny model with known logits: a 1x1 conv after a Preprocessing layer.
+
+    ``make(kernel (3, C), bias (C,), input_shape=(None, None, 3), mean=..., std=...,
+    channel_order="rgb", metadata=None)`` returns a Keras model whose logits are
+    ``((image[..., order] - mean) / std) @ kernel + bias`` per pixel: flip- and
+    translation-equivariant, so every evaluation mode has a numpy answer.
+    """
+    import keras
+
+    from pspnet_tf.layers import Preprocessing
+
+    def make(
+        kernel,
+        bias,
+        input_shape=(None, None, 3),
+        mean=(100.0, 120.0, 140.0),
+        std=(50.0, 60.0, 70.0),
+        channel_order="rgb",
+        metadata=None,
+    ):
+        kernel = np.asarray(kernel, "float32")
+        image = keras.Input(input_shape, name="image")
+        x = Preprocessing(mean, std, channel_order, metadata=metadata, name="preprocessing")(image)
+        conv = keras.layers.Conv2D(kernel.shape[1], 1, name="classifier")
+        model = keras.Model(image, conv(x), name="pixelwise")
+        conv.set_weights([kernel[None, None], np.asarray(bias, "float32")])
+        return model
+
+    return make

@@ -1,0 +1,271 @@
+"""A generated segmentation dataset in the PASCAL VOC layout: nothing to download.
+
+Each scene is a textured background with several shapes (disc, square, triangle, ring,
+cross) that overlap and vary in size, rotation, aspect, colour and texture. Colours and
+textures are drawn from one distribution for every class, background included, so a pixel's
+colour says nothing about its class: the outline around it does (the middle of a disc and
+the hole of a ring look alike; only the surroundings tell them apart). Thin background
+"scribbles" in object colours make "colourful means object" wrong too. A 2-pixel band along
+every class boundary is labelled 255 (ignore), as in VOC.
+
+``difficulty`` (0-1) sets how many and how small the shapes are, how busy the background
+is, how close object colours may come to it, how many scribbles and how much noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pspnet_tf.classes import IGNORE_LABEL, default_palette
+
+DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross")
+DEFAULT_DIFFICULTY = 0.5
+# Bump when the generator changes, so an existing folder is not mistaken for current output.
+GENERATOR_VERSION = 1
+SPLIT_CODES = {"train": 0, "val": 1}
+_SHIFT = 4  # cv2 fixed-point bits: sub-pixel vertex positions give smooth outlines
+
+
+def _texture(rng, yy, xx, contrast):
+    """A random (H, W) float32 pattern in [0, 1]: flat, stripes, checks or blobs."""
+    kind = rng.integers(4)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    if kind == 0:
+        pattern = np.full(yy.shape, 0.5, np.float32)
+    elif kind == 1:
+        pattern = 0.5 + 0.5 * np.sin(u * (2 * np.pi / rng.uniform(6, 30)))
+    elif kind == 2:
+        v = yy * np.cos(angle) - xx * np.sin(angle)
+        cell = rng.uniform(6, 24)
+        pattern = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
+    else:
+        height, width = yy.shape
+        step = rng.uniform(12, 40)
+        grid = rng.random((max(2, int(height / step)), max(2, int(width / step))))
+        pattern = cv2.resize(
+            grid.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC
+        )
+    return (0.5 + (pattern - 0.5) * contrast).astype(np.float32)
+
+
+def _paint(rng, yy, xx, colour, contrast):
+    """An (H, W, 3) float32 textured surface around a base RGB ``colour``."""
+    colour = colour.astype(np.float32)
+    second = np.clip(colour + rng.normal(0, 60, 3), 0, 255).astype(np.float32)
+    pattern = _texture(rng, yy, xx, contrast)[..., None]
+    return colour + (second - colour) * pattern
+
+
+def _outline(kind, radius, angle, aspect, hole):
+    """Polygons ``[(points (N, 2), value)]`` of a shape centred at 0; value 0 cuts a hole.
+
+    ``hole`` is the ring's inner radius as a fraction of its outer one.
+    """
+    if kind in ("disc", "ring"):
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        points = [np.stack([np.cos(t), np.sin(t)], 1)]
+    elif kind == "square":
+        t = np.pi / 4 + np.arange(4) * np.pi / 2
+        points = [np.stack([np.cos(t), np.sin(t)], 1)]
+    elif kind == "triangle":
+        t = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        points = [1.3 * np.stack([np.cos(t), np.sin(t)], 1)]  # about the area of the others
+    else:  # cross: a plus sign with arms 0.6 radius wide
+        w = 0.3
+        half = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1)]
+        points = [np.array(half + [(-x, -y) for x, y in half], np.float64)]
+    values = [1]
+    if kind == "ring":
+        points.append(points[0] * hole)
+        values.append(0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    stretch = np.array([aspect, 1 / aspect])
+    return [((p * stretch * radius) @ rotation.T, v) for p, v in zip(points, values, strict=True)]
+
+
+def _shape_mask(outline, centre, shape):
+    """Fills ``outline`` at ``centre``: ``(bool mask (H, W), window)``.
+
+    ``window`` is the pair of slices of the shape's bounding box (plus a 2-pixel margin),
+    where all drawing for the shape happens.
+    """
+    mask = np.zeros(shape, np.uint8)
+    for points, value in outline:
+        vertices = np.round((points + centre) * (1 << _SHIFT)).astype(np.int32)
+        cv2.fillPoly(mask, [vertices], value, cv2.LINE_8, shift=_SHIFT)
+    low = np.maximum(np.floor(outline[0][0].min(0) + centre) - 2, 0).astype(int)
+    high = np.ceil(outline[0][0].max(0) + centre + 3).astype(int)
+    return mask.astype(bool), (slice(low[1], high[1]), slice(low[0], high[0]))
+
+
+def _add_shape(rng, image, label, grid, d, background_colour):
+    """Draws one random shape into ``image`` (float32) and ``label`` in place."""
+    kind = int(rng.integers(1, len(DEMO_CLASSES)))
+    radius = min(label.shape) * rng.uniform(0.16 - 0.08 * d, 0.3)
+    centre = rng.uniform(0, 1, 2) * label.shape[::-1]
+    angle, aspect, hole = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0.45, 0.6)
+    outline = _outline(DEMO_CLASSES[kind], radius, angle, aspect, hole)
+    mask, window = _shape_mask(outline, centre, label.shape)
+    colour = _object_colour(rng, background_colour, 140 * (1 - d))
+    yy, xx = grid[0][window], grid[1][window]
+    surface = _paint(rng, yy, xx, colour, contrast=rng.uniform(0.2, 0.8))
+    # Soft edges for the image (as a camera would see them), hard ones for the label.
+    alpha = cv2.GaussianBlur(mask[window].astype(np.float32), (3, 3), 0.7)[..., None]
+    image[window] = image[window] * (1 - alpha) + surface * alpha
+    label[mask] = kind
+
+
+def _object_colour(rng, background_mean, min_distance):
+    """A random colour at least ``min_distance`` from the background's, if one of 16 is."""
+    candidates = rng.uniform(0, 255, (16, 3))
+    distance = np.linalg.norm(candidates - background_mean, axis=1)
+    far = distance >= min_distance
+    return candidates[np.argmax(far) if far.any() else np.argmax(distance)]
+
+
+def _scribbles(rng, image, count, colour_of):
+    """Draws ``count`` thin random polylines (background class) onto ``image`` in place."""
+    height, width = image.shape[:2]
+    for _ in range(count):
+        points = rng.uniform(0, 1, (int(rng.integers(2, 5)), 2)) * (width, height)
+        colour = tuple(float(c) for c in colour_of())
+        vertices = np.round(points).astype(np.int32)
+        cv2.polylines(image, [vertices], False, colour, int(rng.integers(2, 5)), cv2.LINE_AA)
+
+
+def render_scene(rng, size, difficulty=DEFAULT_DIFFICULTY):
+    """One synthetic scene.
+
+    Args:
+        rng: ``numpy.random.Generator``.
+        size: ``(height, width)`` in pixels.
+        difficulty: float in [0, 1].
+
+    Returns:
+        ``(image uint8 (H, W, 3) RGB, label uint8 (H, W))``; label values index
+        :data:`DEMO_CLASSES`, 255 on the boundary bands.
+    """
+    d = float(np.clip(difficulty, 0.0, 1.0))
+    height, width = size
+    grid = np.mgrid[0:height, 0:width].astype(np.float32)
+    background_colour = rng.uniform(0, 255, 3)
+    image = _paint(rng, grid[0], grid[1], background_colour, contrast=0.3 + 0.5 * d)
+    label = np.zeros((height, width), np.uint8)
+    _scribbles(rng, image, int(rng.integers(0, 1 + round(8 * d))), lambda: rng.uniform(0, 255, 3))
+    for _ in range(int(rng.integers(1 + round(2 * d), 4 + round(3 * d)))):
+        _add_shape(rng, image, label, grid, d, background_colour)
+    square = np.ones((3, 3), np.uint8)
+    label[cv2.dilate(label, square) != cv2.erode(label, square)] = IGNORE_LABEL
+    image += rng.standard_normal(image.shape, np.float32) * np.float32(3 + 12 * d)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label
+
+
+def _write_example(folder, name, rng, size, difficulty, palette):
+    image, label = render_scene(rng, size, difficulty)
+    ok, jpeg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    if not ok:
+        raise RuntimeError(f"could not encode {name}.jpg")
+    with open(os.path.join(folder, "JPEGImages", f"{name}.jpg"), "wb") as file:
+        file.write(jpeg.tobytes())
+    png = Image.fromarray(label, mode="L")
+    png.putpalette(palette)  # makes it a palette ("P") PNG, as VOC's are
+    png.save(os.path.join(folder, "SegmentationClass", f"{name}.png"))
+
+
+def _generate(folder, counts, size, seed, difficulty, workers):
+    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(folder, sub))
+    palette = [value for colour in default_palette(256) for value in colour]
+    jobs = []
+    for split, count in counts.items():
+        names = [f"{split}_{i:05d}" for i in range(count)]
+        with open(os.path.join(folder, "ImageSets", "Segmentation", f"{split}.txt"), "w") as file:
+            file.write("".join(f"{name}\n" for name in names))
+        # One generator per image: image i is the same whatever the split sizes are.
+        jobs += [(name, (seed, SPLIT_CODES[split], i)) for i, name in enumerate(names)]
+
+    def write(job):
+        name, key = job
+        rng = np.random.default_rng(key)
+        _write_example(folder, name, rng, size, difficulty, palette)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        list(pool.map(write, jobs))
+
+
+def make_demo_dataset(
+    root,
+    num_train=400,
+    num_val=100,
+    size=320,
+    seed=0,
+    difficulty=DEFAULT_DIFFICULTY,
+    *,
+    workers=None,
+) -> str:
+    """Writes a synthetic VOC-layout dataset and returns its path.
+
+    The folder holds ``JPEGImages/<split>_<i>.jpg``, ``SegmentationClass/<split>_<i>.png``
+    (palette PNGs, VOC colours, classes :data:`DEMO_CLASSES`, 255 on boundaries),
+    ``ImageSets/Segmentation/{train,val}.txt`` and ``demo.json`` (the arguments and class
+    names). The output depends only on the arguments. If ``root`` already holds the demo
+    dataset for the same arguments it is returned as is; another demo dataset there is
+    replaced. Files are written to a temporary folder first, which is renamed at the end.
+
+    Args:
+        root: str or path of the folder to create.
+        num_train: int, training images.
+        num_val: int, validation images.
+        size: int or ``(height, width)`` of the images, pixels.
+        seed: int.
+        difficulty: float in [0, 1]; see the module docstring.
+        workers: threads to render with; defaults to the number of CPUs.
+
+    Returns:
+        str, ``root``; use it with ``load_dataset(root, "voc", ...)``.
+
+    Raises:
+        FileExistsError: ``root`` exists and is neither empty nor a demo dataset.
+    """
+    root = os.path.abspath(os.fspath(root))
+    height, width = (size, size) if isinstance(size, int) else (int(s) for s in size)
+    info = {
+        "generator_version": GENERATOR_VERSION,
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "size": [height, width],
+        "seed": int(seed),
+        "difficulty": float(difficulty),
+        "class_names": list(DEMO_CLASSES),
+    }
+    info_path = os.path.join(root, "demo.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as file:
+            if json.load(file) == info:
+                return root
+    elif os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root}: exists and is not a demo dataset; choose another folder")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    try:
+        counts = {"train": int(num_train), "val": int(num_val)}
+        _generate(staging, counts, (height, width), int(seed), float(difficulty), workers)
+        with open(os.path.join(staging, "demo.json"), "w") as file:
+            json.dump(info, file, indent=1)
+        if os.path.isdir(root):
+            shutil.rmtree(root)
+        os.rename(staging, root)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return root
