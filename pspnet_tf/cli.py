@@ -31,6 +31,25 @@ def _summary(args):
     return 0
 
 
+def _check_data(args):
+    from pspnet_tf.data import check_dataset, list_pairs
+
+    problems, checked = [], 0
+    for split in args.split:
+        try:
+            checked += len(list_pairs(args.data, args.layout, split, list_file=args.list_file))
+        except (OSError, ValueError):
+            pass  # check_dataset reports it
+        problems += check_dataset(
+            args.data, args.layout, split, args.num_classes, list_file=args.list_file
+        )
+    for problem in problems:
+        print(problem)
+    splits = ", ".join(args.split)
+    print(f"checked {checked} image/label pairs ({splits}): {len(problems)} problems")
+    return 1 if problems else 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pspnet-tf", description="PSPNet for Keras 3 / TensorFlow."
@@ -48,6 +67,14 @@ def build_parser():
     p.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
     p.add_argument("--aux-head", action="store_true", help="add the auxiliary head")
     p.set_defaults(func=_summary)
+
+    p = sub.add_parser("check-data", help="scan a dataset and report every bad file")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--layout", required=True, choices=["voc", "cityscapes", "ade20k", "list"])
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check")
+    p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
+    p.set_defaults(func=_check_data)
     return parser
 
 
