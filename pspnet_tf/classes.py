@@ -6,6 +6,8 @@ as ``[r, g, b]`` lists.
 
 from __future__ import annotations
 
+import os
+
 IGNORE_LABEL = 255
 
 VOC_CLASSES = (
@@ -89,3 +91,20 @@ DATASETS = {
 def default_palette(num_classes):
     """A palette for ``num_classes`` classes: VOC's colours (index 0 black) extended."""
     return bit_palette(num_classes)
+
+
+def read_class_names(path):
+    """Reads custom class names from a text file: one name per line, in class order.
+
+    Blank lines and lines starting with ``#`` are skipped; surrounding spaces removed.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
+    except OSError as error:
+        raise ValueError(f"class names file {path!r}: {error.strerror}") from error
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise ValueError(f"class names file {path!r} holds no names")
+    return names

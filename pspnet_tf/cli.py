@@ -50,6 +50,116 @@ def _check_data(args):
     return 1 if problems else 0
 
 
+def _load_model(path):
+    import os
+
+    import keras
+
+    import pspnet_tf  # noqa: F401  (registers the custom layers)
+
+    if not os.path.exists(path):
+        raise SystemExit(f"error: model {path!r}: no such file")
+    return keras.models.load_model(path, compile=False)
+
+
+def _evaluate(args):
+    from pspnet_tf.data import load_dataset
+    from pspnet_tf.evaluation import (
+        BASE_SIZES,
+        evaluate,
+        format_report,
+        plot_confusion_matrix,
+        write_json_report,
+    )
+    from pspnet_tf.inference import as_predictor
+
+    predictor = as_predictor(_load_model(args.model))
+    num_classes = args.num_classes or predictor.num_classes
+    base_size = args.base_size or BASE_SIZES.get(args.layout)
+    if args.mode == "multiscale" and not base_size:
+        raise SystemExit("error: --mode multiscale with --layout list needs --base-size")
+    dataset = load_dataset(
+        args.data, args.layout, args.split, num_classes, batch_size=1, list_file=args.list_file
+    )
+    names = args.class_names or predictor.class_names or _dataset_names(args.layout, num_classes)
+    report = evaluate(
+        predictor,
+        dataset,
+        num_classes,
+        mode=args.mode,
+        crop_size=_height_width(args.crop_size),
+        stride=_height_width(args.stride),
+        base_size=base_size,
+        scales=args.scales,
+        flip=not args.no_flip,
+        class_names=names,
+        max_images=args.max_images,
+    )
+    print(format_report(report))
+    if args.json:
+        print(f"wrote {write_json_report(report, args.json)}")
+    if args.confusion_png:
+        print(f"wrote {plot_confusion_matrix(report, args.confusion_png)}")
+    return 0
+
+
+def _dataset_names(layout, num_classes):
+    """A layout's built-in class names if the class count matches (e.g. not for a subset)."""
+    from pspnet_tf.classes import DATASETS
+
+    names = DATASETS.get(layout, {}).get("classes")
+    return list(names) if names and len(names) == num_classes else None
+
+
+def _height_width(values):
+    """``[n]`` -> n, ``[h, w]`` -> (h, w), None -> None (for ``nargs="+"`` size options)."""
+    if not values:
+        return None
+    if len(values) > 2:
+        raise SystemExit(f"error: expected a size H or H W, got {values}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _predict(args):
+    from pspnet_tf.inference import as_predictor
+    from pspnet_tf.predict import predict_path
+
+    predictor = as_predictor(_load_model(args.model))
+    written = predict_path(
+        predictor,
+        args.input,
+        args.output,
+        outputs=args.outputs,
+        legend=args.legend,
+        alpha=args.alpha,
+        class_names=args.class_names or args.dataset,
+        palette=args.dataset,
+        mode=args.mode,
+        crop_size=_height_width(args.crop_size),
+        base_size=args.base_size,
+    )
+    print(f"wrote {len(written)} files to {args.output}")
+    return 0
+
+
+def _export(args):
+    from pspnet_tf import export
+
+    model = _load_model(args.model)
+    if args.format == "saved_model":
+        path = export.export_saved_model(model, args.output)
+    elif args.format == "tflite":
+        if not args.input_size:
+            raise SystemExit("error: --format tflite needs --input-size H [W]")
+        path = export.export_tflite(
+            model, args.output, _height_width(args.input_size), args.quantize
+        )
+    else:
+        path = export.export_onnx(model, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pspnet-tf", description="PSPNet for Keras 3 / TensorFlow."
@@ -75,6 +185,50 @@ def build_parser():
     p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check")
     p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
     p.set_defaults(func=_check_data)
+    layouts = ["voc", "cityscapes", "ade20k", "list"]
+    p = sub.add_parser("evaluate", help="mIoU, pixel accuracy and per-class IoU on a dataset")
+    p.add_argument("--model", required=True, help=".keras model file")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--layout", required=True, choices=layouts)
+    p.add_argument("--split", default="val")
+    p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
+    p.add_argument("--num-classes", type=int, help="default: the model's output channels")
+    p.add_argument("--mode", default="single", choices=["single", "sliding", "multiscale"])
+    p.add_argument("--crop-size", type=int, nargs="+", help="window H [W]; default: model size")
+    p.add_argument("--stride", type=int, nargs="+", help="window stride; default 2/3 of crop")
+    p.add_argument("--base-size", type=int, help="multiscale long side at scale 1 (VOC/ADE 512)")
+    p.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    p.add_argument("--no-flip", action="store_true", help="multiscale without flipped images")
+    p.add_argument("--class-names", help="file with one class name per line")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--json", help="write the report as JSON to this file")
+    p.add_argument("--confusion-png", help="draw the confusion matrix into this PNG")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="label PNGs, coloured masks and overlays of images/video")
+    p.add_argument("--model", required=True, help=".keras model file")
+    p.add_argument("--input", required=True, help="an image, a folder of images or a video")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument(
+        "--outputs", nargs="+", default=["labels", "masks", "overlays"],
+        choices=["labels", "masks", "overlays"],
+    )  # fmt: skip
+    p.add_argument("--legend", action="store_true", help="add a legend of the classes shown")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight")
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
+    p.add_argument("--class-names", help="file with one class name per line")
+    p.add_argument("--mode", default="single", choices=["single", "sliding", "multiscale"])
+    p.add_argument("--crop-size", type=int, nargs="+", help="sliding window H [W]")
+    p.add_argument("--base-size", type=int, help="multiscale long side at scale 1")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="SavedModel (any size), TFLite (fixed size) or ONNX")
+    p.add_argument("--model", required=True, help=".keras model file")
+    p.add_argument("--output", required=True, help="SavedModel folder or .tflite/.onnx file")
+    p.add_argument("--format", default="saved_model", choices=["saved_model", "tflite", "onnx"])
+    p.add_argument("--input-size", type=int, nargs="+", help="TFLite input H [W]")
+    p.add_argument("--quantize", choices=["dynamic"], help="TFLite dynamic-range quantisation")
+    p.set_defaults(func=_export)
     return parser
 
 

@@ -1,0 +1,421 @@
+"""Prediction and visualisation: labels of an image, a folder or a video; colours, overlays.
+
+:func:`predict_image` is the one-call API for a numpy image of any size::
+
+    labels = predict_image(model, image)  # (H, W) int32 class indices
+
+:func:`predict_path` handles what the ``pspnet-tf predict`` command takes: one
+image, a folder of images (with a progress bar) or a video. It writes label PNGs
+(palette PNGs: the index is the class, the palette colours it), coloured masks
+and overlays blended on the image, optionally with a legend; videos are written
+back as videos. Colours and names come from the arguments, else from the
+model's own metadata, else from the VOC-style bit palette and ``class_<k>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+import cv2
+import keras
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pspnet_tf import classes
+from pspnet_tf.inference import as_predictor, predict_scores
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
+OUTPUTS = ("labels", "masks", "overlays")
+
+
+def as_rgb(image, name="image"):
+    """Checks an image and returns it as ``(H, W, 3)`` float32 RGB 0-255.
+
+    Accepts ``(H, W)`` or ``(H, W, 1)`` grayscale, ``(H, W, 3)`` RGB and
+    ``(H, W, 4)`` RGBA (alpha dropped), any real dtype with values 0-255.
+    """
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"{name} must be (height, width), (height, width, 3) or (height, width, 4), "
+            f"got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{name} must hold real numbers 0-255, got dtype {array.dtype}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{name} is empty: shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return array[..., :3].astype("float32")
+
+
+def predict_image(model, image, mode="single", **options):
+    """Class labels of one image of any size.
+
+    Args:
+        model: a Keras segmentation model (e.g. a PSPNet built or loaded at any
+            size; RGB 0-255 in, logits out) or a
+            :class:`pspnet_tf.inference.Predictor`. A PSPNet built for a fixed
+            size is rebuilt for the image's size on every call: for many images,
+            wrap it once with :func:`pspnet_tf.inference.as_predictor`.
+        image: numpy ``(H, W, 3)`` RGB (or grayscale/RGBA) array, values 0-255.
+        mode: ``"single"`` (whole image), ``"sliding"`` or ``"multiscale"``.
+        **options: ``crop_size``, ``stride``, ``base_size``, ``scales``,
+            ``flip``: see :func:`pspnet_tf.inference.predict_scores`.
+
+    Returns:
+        ``(H, W)`` int32 class indices.
+
+    Example:
+    >>> model = build_pspnet(3, "mobilenetv2", (None, None, 3), alpha=0.35)
+    >>> predict_image(model, np.zeros((50, 70, 3), "uint8")).shape
+    (50, 70)
+    """
+    scores = predict_scores(model, as_rgb(image), mode, **options)
+    return np.argmax(scores, axis=-1).astype(np.int32)
+
+
+def resolve_palette(num_classes, palette=None, model=None):
+    """Colours for ``num_classes`` classes as a ``(num_classes, 3)`` uint8 array.
+
+    Args:
+        num_classes: int.
+        palette: list of ``[r, g, b]``, a dataset name (``"voc"``,
+            ``"cityscapes"``, ``"ade20k"``) or None.
+        model: a :class:`pspnet_tf.inference.Predictor` (or model) whose
+            metadata palette is used when ``palette`` is None.
+    """
+    if isinstance(palette, str):
+        if palette not in classes.DATASETS:
+            raise ValueError(f"unknown palette {palette!r}; known: {sorted(classes.DATASETS)}")
+        palette = classes.DATASETS[palette]["palette"]
+    if palette is None and model is not None:
+        palette = as_predictor(model).palette
+    if palette is None:
+        palette = classes.default_palette(num_classes)
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+    if len(palette) < num_classes:
+        raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
+    return palette[:num_classes]
+
+
+def colorize(labels, palette):
+    """Colours a label map: ``(H, W)`` int -> ``(H, W, 3)`` uint8 RGB.
+
+    Labels beyond the palette (e.g. the ignore label 255) are black.
+    """
+    labels = np.asarray(labels)
+    lut = np.zeros((max(256, int(labels.max(initial=0)) + 1), 3), np.uint8)
+    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
+    lut[: len(palette)] = palette
+    return lut[labels]
+
+
+def overlay(image, labels, palette, alpha=0.5):
+    """Blends the coloured labels onto the image: ``(1 - alpha) * image + alpha * colour``.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    blended = (1.0 - alpha) * as_rgb(image) + alpha * colorize(labels, palette)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def add_legend(image, class_names, palette, labels=None):
+    """Appends a legend (a colour swatch and name per class) to the right of an image.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        class_names: list of str.
+        palette: ``(C, 3)`` colours.
+        labels: label map or None. Only classes present in it are listed.
+
+    Returns:
+        ``(max(H, legend height), W + legend width, 3)`` uint8; white background.
+    """
+    shown = range(len(class_names)) if labels is None else np.unique(labels)
+    shown = [int(k) for k in shown if 0 <= k < len(class_names)]
+    row, font, scale = 18, cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    text_width = max([cv2.getTextSize(class_names[k], font, scale, 1)[0][0] for k in shown] or [0])
+    height = max(image.shape[0], row * len(shown) + 8)
+    panel = np.full((height, text_width + 36, 3), 255, np.uint8)
+    for i, k in enumerate(shown):
+        y = 4 + i * row
+        colour = tuple(int(c) for c in palette[k])
+        cv2.rectangle(panel, (4, y + 2), (20, y + row - 3), colour, thickness=-1)
+        cv2.rectangle(panel, (4, y + 2), (20, y + row - 3), (0, 0, 0), thickness=1)
+        cv2.putText(
+            panel, class_names[k], (26, y + row - 5), font, scale, (0, 0, 0), 1, cv2.LINE_AA
+        )
+    canvas = np.full((height, image.shape[1], 3), 255, np.uint8)
+    canvas[: image.shape[0]] = image
+    return np.concatenate([canvas, panel], axis=1)
+
+
+def read_image(path):
+    """Reads an image file as ``(H, W, 3)`` uint8 RGB (EXIF rotation applied)."""
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path!r}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"image {path!r}: not a readable image ({error})") from error
+
+
+def save_image(image, path):
+    """Writes a ``(H, W, 3)`` uint8 RGB image; the format follows the extension."""
+    with atomic_path(path) as temporary:
+        Image.fromarray(np.asarray(image, np.uint8)).save(temporary, format=_format(path))
+    return os.fspath(path)
+
+
+def save_label_png(labels, path, palette=None):
+    """Writes labels as a palette PNG: pixel values are class indices, shown in colour.
+
+    Args:
+        labels: ``(H, W)`` int class indices.
+        path: str. Output ``.png`` file.
+        palette: ``(C, 3)`` colours or None (the VOC bit palette).
+    """
+    labels = np.asarray(labels)
+    if labels.min(initial=0) < 0:
+        raise ValueError(f"{path}: labels must be >= 0")
+    if labels.max(initial=0) > 255:  # too many classes for a palette PNG: 16-bit grayscale
+        image = Image.fromarray(labels.astype(np.uint16))
+    else:
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        colours = np.zeros((256, 3), np.uint8)
+        given = classes.bit_palette(256) if palette is None else palette
+        given = np.asarray(given, np.uint8).reshape(-1, 3)[:256]
+        colours[: len(given)] = given
+        image.putpalette(colours.ravel().tolist())
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+    return os.fspath(path)
+
+
+def _format(path):
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}.get(extension, "PNG")
+
+
+def list_images(folder):
+    """Image files directly inside ``folder`` (by extension), sorted by name."""
+    names = sorted(os.listdir(folder))
+    return [
+        os.path.join(folder, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+    ]
+
+
+def predict_path(model, source, output_dir, **options):
+    """Predicts an image file, every image in a folder, or a video file.
+
+    Args:
+        model: a Keras segmentation model or a :class:`pspnet_tf.inference.Predictor`.
+        source: str. An image, a folder of images (not recursive) or a video
+            (by extension: ``.mp4``, ``.avi``, ...).
+        output_dir: str. Created if needed.
+        **options: see :func:`predict_files` (images) and :func:`predict_video`.
+
+    Returns:
+        list of the files written.
+    """
+    source = os.fspath(source)
+    extension = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source):
+        paths = list_images(source)
+        if not paths:
+            raise ValueError(f"input folder {source!r} holds no images ({IMAGE_EXTENSIONS})")
+        return predict_files(model, paths, output_dir, **options)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"input {source!r}: no such file or folder")
+    if extension in VIDEO_EXTENSIONS:
+        return predict_video(model, source, output_dir, **options)
+    if extension in IMAGE_EXTENSIONS:
+        return predict_files(model, [source], output_dir, **options)
+    raise ValueError(
+        f"input {source!r}: unknown extension {extension!r}; expected an image "
+        f"{IMAGE_EXTENSIONS}, a video {VIDEO_EXTENSIONS} or a folder"
+    )
+
+
+def _visuals(predictor, class_names, palette):
+    """Resolves the colours and names once for many images."""
+    palette = resolve_palette(predictor.num_classes, palette, predictor)
+    names = class_names
+    if isinstance(names, str) and names in classes.DATASETS:
+        names = classes.DATASETS[names]["classes"]
+    elif isinstance(names, (str, os.PathLike)):
+        names = classes.read_class_names(names)
+    names = names or predictor.class_names or [f"class_{k}" for k in range(len(palette))]
+    if len(names) != predictor.num_classes:
+        raise ValueError(f"{len(names)} class names for {predictor.num_classes} classes")
+    return palette, list(names)
+
+
+def _render(image, labels, what, palette, names, alpha, legend):
+    """The coloured mask or the overlay of one image, with an optional legend."""
+    if what == "masks":
+        picture = colorize(labels, palette)
+    else:
+        picture = overlay(image, labels, palette, alpha)
+    return add_legend(picture, names, palette, labels) if legend else picture
+
+
+def predict_files(
+    model,
+    paths,
+    output_dir,
+    outputs=OUTPUTS,
+    legend=False,
+    alpha=0.5,
+    class_names=None,
+    palette=None,
+    mode="single",
+    verbose=1,
+    **options,
+):
+    """Predicts image files and writes their outputs, with a Keras progress bar.
+
+    For each image ``NAME.ext``: ``labels/NAME.png`` (palette PNG of class
+    indices), ``masks/NAME.png`` (colours) and ``overlays/NAME.jpg`` (colours
+    blended on the image), as selected by ``outputs``.
+
+    Args:
+        model: a Keras segmentation model or a :class:`pspnet_tf.inference.Predictor`.
+        paths: list of image files.
+        output_dir: str.
+        outputs: any of ``"labels"``, ``"masks"``, ``"overlays"``.
+        legend: bool. Append a legend of the classes present to masks and overlays.
+        alpha: float. Weight of the colours in overlays.
+        class_names: list, names file, dataset name or None (the model's own).
+        palette: colours, dataset name or None (the model's own, else VOC-style).
+        mode: evaluation mode, see :func:`predict_image`; ``**options`` its settings.
+        verbose: int. 1 shows a progress bar.
+
+    Returns:
+        list of the files written.
+    """
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+    predictor = as_predictor(model)
+    palette, names = _visuals(predictor, class_names, palette)
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) < len(stems):  # a.jpg and a.png: keep the extension in the name
+        stems = [os.path.basename(p).replace(".", "_") for p in paths]
+    progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
+    written = []
+    for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
+        image = read_image(path)
+        labels = predict_image(predictor, image, mode, **options)
+        if "labels" in outputs:
+            target = os.path.join(output_dir, "labels", f"{stem}.png")
+            written.append(save_label_png(labels, target, palette))
+        for what, extension in (("masks", "png"), ("overlays", "jpg")):
+            if what in outputs:
+                picture = _render(image, labels, what, palette, names, alpha, legend)
+                target = os.path.join(output_dir, what, f"{stem}.{extension}")
+                written.append(save_image(picture, target))
+        progress.update(i + 1)
+    return written
+
+
+def predict_video(
+    model,
+    path,
+    output_dir,
+    outputs=("overlays",),
+    legend=False,
+    alpha=0.5,
+    class_names=None,
+    palette=None,
+    mode="single",
+    verbose=1,
+    **options,
+):
+    """Predicts every frame of a video and writes the results back as videos.
+
+    ``masks`` and ``overlays`` become ``NAME_masks.EXT`` and ``NAME_overlays.EXT``
+    (``.avi`` input: Motion JPEG in ``.avi``; otherwise MPEG-4 in ``.mp4``).
+    ``labels`` are written losslessly as ``NAME_labels/000000.png``, ... (a
+    video codec would blur class indices). Arguments as :func:`predict_files`.
+
+    Returns:
+        list of the files written.
+    """
+    path = os.fspath(path)
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise ValueError(f"video {path!r}: OpenCV cannot open it")
+    predictor = as_predictor(model)
+    palette, names = _visuals(predictor, class_names, palette)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    extension, codec = (".avi", "MJPG") if path.lower().endswith(".avi") else (".mp4", "mp4v")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    progress = keras.utils.Progbar(frames, verbose=verbose, unit_name="frame")
+    videos = [w for w in ("masks", "overlays") if w in outputs]
+    targets = {w: os.path.join(output_dir, f"{stem}_{w}{extension}") for w in videos}
+    written, writers, index = [], {}, 0
+    with contextlib.ExitStack() as stack:
+        temporaries = {w: stack.enter_context(atomic_path(t)) for w, t in targets.items()}
+        stack.callback(capture.release)
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            image = np.ascontiguousarray(frame[..., ::-1])  # OpenCV reads BGR
+            labels = predict_image(predictor, image, mode, **options)
+            if "labels" in outputs:
+                target = os.path.join(output_dir, f"{stem}_labels", f"{index:06d}.png")
+                written.append(save_label_png(labels, target, palette))
+            for what in videos:
+                picture = _render(image, labels, what, palette, names, alpha, legend)
+                if what not in writers:
+                    size = (picture.shape[1], picture.shape[0])
+                    fourcc = cv2.VideoWriter_fourcc(*codec)
+                    writers[what] = cv2.VideoWriter(temporaries[what], fourcc, fps, size)
+                    stack.callback(writers[what].release)
+                writers[what].write(np.ascontiguousarray(picture[..., ::-1]))
+            index += 1
+            progress.update(index)
+        if index == 0:
+            raise ValueError(f"video {path!r}: no frames could be read")
+        for writer in writers.values():
+            writer.release()  # flush before atomic_path renames the file
+    return written + list(targets.values())
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path next to ``path``; renames it to ``path`` on success.
+
+    Nothing half-written is left behind: on an exception the temporary file
+    or directory is removed. The suffix is kept (writers that pick a format
+    from it still work). An existing directory at ``path`` is replaced.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    temporary = os.path.join(directory, f".{stem}.tmp{os.getpid()}{suffix}")
+    try:
+        yield temporary
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    finally:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.exists(temporary):
+            os.remove(temporary)

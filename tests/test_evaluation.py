@@ -1,0 +1,292 @@
+"""Evaluation modes and reports, checked against numpy on models whose outputs are known."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import randomize_weights
+from PIL import Image
+
+from pspnet_tf import build_pspnet, rebuild
+from pspnet_tf.cli import main as cli_main
+from pspnet_tf.evaluation import evaluate, format_report, plot_confusion_matrix, write_json_report
+from pspnet_tf.inference import (
+    as_predictor,
+    multiscale_probabilities,
+    predict_scores,
+    single_logits,
+    sliding_window_logits,
+    window_starts,
+)
+
+KERNEL = np.array([[2.0, -1.0, 0.5], [-1.0, 2.0, 0.0], [0.5, 0.5, -2.0]])
+BIAS = np.array([0.1, -0.2, 0.05])
+MEAN, STD = np.array([100.0, 120.0, 140.0]), np.array([50.0, 60.0, 70.0])
+
+
+def numpy_logits(image):
+    """The pixelwise model's logits, computed in numpy (float64)."""
+    return ((np.asarray(image, np.float64) - MEAN) / STD) @ KERNEL + BIAS
+
+
+def numpy_resize(array, size):
+    """Bilinear resize with half-pixel centres (tf.image.resize, OpenCV INTER_LINEAR)."""
+
+    def axis(n_out, n_in):
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(x).astype(int)
+        return low, np.minimum(low + 1, n_in - 1), x - low
+
+    (y0, y1, fy), (x0, x1, fx) = axis(size[0], array.shape[0]), axis(size[1], array.shape[1])
+    fy, fx = fy[:, None, None], fx[None, :, None]
+    top = array[y0][:, x0] * (1 - fx) + array[y0][:, x1] * fx
+    bottom = array[y1][:, x0] * (1 - fx) + array[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_miou(labels, predictions, num_classes):
+    """mIoU and pixel accuracy from label/prediction lists, ignoring 255."""
+    labels = np.concatenate([x.ravel() for x in labels])
+    predictions = np.concatenate([x.ravel() for x in predictions])
+    keep = labels != 255
+    labels, predictions = labels[keep], predictions[keep]
+    ious = []
+    for c in range(num_classes):
+        union = np.sum((labels == c) | (predictions == c))
+        if union:
+            ious.append(np.sum((labels == c) & (predictions == c)) / union)
+    return np.mean(ious), np.mean(labels == predictions)
+
+
+def _dataset(rng, sizes, num_classes=3):
+    images, labels = [], []
+    for height, width in sizes:
+        # Smooth images (a few coloured blobs) keep classes in regions, as in real data.
+        small = rng.uniform(0, 255, (4, 5, 3))
+        images.append(np.clip(numpy_resize(small, (height, width)), 0, 255).astype("float32"))
+        label = rng.integers(0, num_classes, (height, width)).astype("int32")
+        label[rng.uniform(size=(height, width)) < 0.1] = 255
+        labels.append(label)
+    return images, labels
+
+
+def test_window_starts_hand_worked():
+    assert window_starts(10, 4, 3) == [0, 3, 6]
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]  # the last window ends at the edge
+    assert window_starts(4, 4, 3) == [0]
+    assert window_starts(3, 4, 3) == [0]
+
+
+def test_sliding_window_averages_overlapping_windows():
+    # Channel 0 holds the column index; each window answers its own mean column.
+    # Crop 4, stride 3, width 10: windows [0, 4), [3, 7), [6, 10) with means 1.5, 4.5, 7.5.
+    image = np.zeros((4, 10, 3), "float32")
+    image[..., 0] = np.arange(10)
+
+    def window_mean(batch):
+        means = batch[..., 0].mean(axis=(1, 2))
+        return np.broadcast_to(means[:, None, None, None], (*batch.shape[:3], 1))
+
+    out = sliding_window_logits(window_mean, image, (4, 4), 1, stride=3)
+    expected = [1.5, 1.5, 1.5, 3.0, 4.5, 4.5, 6.0, 7.5, 7.5, 7.5]
+    np.testing.assert_allclose(out[0, :, 0], expected)
+    np.testing.assert_allclose(out[:, :, 0], np.tile(expected, (4, 1)))
+
+
+def test_sliding_window_pads_a_small_image_with_the_given_pixel(rng):
+    image = rng.uniform(0, 255, (3, 5, 3)).astype("float32")
+    pad = np.array([10.0, 20.0, 30.0], "float32")
+    seen = []
+
+    def record(batch):
+        seen.append(batch.copy())
+        return batch
+
+    out = sliding_window_logits(record, image, (4, 8), 3, pad_value=pad)
+    assert len(seen) == 1 and seen[0].shape == (1, 4, 8, 3)
+    window = seen[0][0]
+    np.testing.assert_array_equal(window[:3, 1:6], image)  # centred: top 0, left 1
+    np.testing.assert_array_equal(window[:3, 0], np.tile(pad, (3, 1)))
+    np.testing.assert_array_equal(window[:3, 6:], np.tile(pad, (3, 2, 1)))
+    np.testing.assert_array_equal(window[3], np.tile(pad, (8, 1)))
+    np.testing.assert_array_equal(out, image)
+
+
+@pytest.mark.parametrize("size", [(20, 24), (32, 32), (45, 70)])
+def test_sliding_window_returns_each_pixel_of_any_size(size, rng):
+    # Smaller than, equal to and larger than the 32x32 crop: an identity "model"
+    # must give the image back exactly, whatever the windows and padding.
+    image = rng.uniform(0, 255, (*size, 3)).astype("float32")
+    out = sliding_window_logits(lambda b: b * 1.0, image, 32, 3)
+    np.testing.assert_array_equal(out, image)
+
+
+def test_multiscale_flip_is_exact_for_a_flip_equivariant_model(pixelwise_model, rng):
+    model = as_predictor(pixelwise_model(KERNEL, BIAS))
+    image = rng.uniform(0, 255, (30, 44, 3)).astype("float32")
+    kwargs = {"base_size": 40, "crop": 24, "scales": (0.5, 1.0, 1.5), "pad_value": MEAN}
+    with_flip = multiscale_probabilities(model, image, 3, flip=True, **kwargs)
+    without = multiscale_probabilities(model, image, 3, flip=False, **kwargs)
+    np.testing.assert_allclose(with_flip, without, atol=1e-6)
+    np.testing.assert_allclose(with_flip.sum(-1), 1.0, atol=1e-5)
+
+
+def test_multiscale_flip_averages_the_flipped_prediction(rng):
+    # A model that is not flip-equivariant: logits depend on the column.
+    def column_model(batch):
+        columns = np.arange(batch.shape[2], dtype="float32")[None, None, :, None]
+        return np.concatenate([batch[..., :1] / 50, columns / 5 + 0 * batch[..., :1]], axis=-1)
+
+    image = rng.uniform(0, 255, (6, 9, 3)).astype("float32")
+    out = multiscale_probabilities(column_model, image, 2, base_size=9, scales=(1.0,), flip=True)
+    direct = numpy_softmax(column_model(image[None])[0])
+    flipped = numpy_softmax(column_model(image[None, :, ::-1])[0])[:, ::-1]
+    np.testing.assert_allclose(out, (direct + flipped) / 2, atol=1e-6)
+
+
+def _numpy_predictions(mode, image):
+    if mode in ("single", "sliding"):  # a pixelwise model: windows change nothing
+        return numpy_logits(image).argmax(-1)
+    height, width = image.shape[:2]
+    total = 0
+    for scale in (0.5, 1.0, 1.75):
+        long_side = round(scale * 48)
+        size = (long_side, round(width * long_side / height))
+        if width > height:
+            size = (round(height * long_side / width), long_side)
+        total = total + numpy_resize(
+            numpy_softmax(numpy_logits(numpy_resize(image, size))), image.shape[:2]
+        )
+    return total.argmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["single", "sliding", "multiscale"])
+def test_every_mode_gives_the_numpy_miou(mode, pixelwise_model, rng):
+    model = pixelwise_model(KERNEL, BIAS)
+    sizes = [(20, 28), (32, 32), (41, 57)]  # smaller than, equal to, larger than the crop
+    images, labels = _dataset(rng, sizes)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: ((x[None], y[None]) for x, y in zip(images, labels, strict=True)),
+        output_signature=(
+            tf.TensorSpec((1, None, None, 3), tf.float32),
+            tf.TensorSpec((1, None, None), tf.int32),
+        ),
+    )
+    report = evaluate(
+        model, dataset, mode=mode, crop_size=32, base_size=48, scales=(0.5, 1.0, 1.75), verbose=0
+    )
+    predictions = [_numpy_predictions(mode, image) for image in images]
+    miou, accuracy = numpy_miou(labels, predictions, 3)
+    assert report["num_images"] == 3
+    np.testing.assert_allclose(report["miou"], miou, rtol=1e-12)
+    np.testing.assert_allclose(report["pixel_accuracy"], accuracy, rtol=1e-12)
+    # Different modes really differ here, or the test would not tell them apart.
+    if mode == "multiscale":
+        single = [_numpy_predictions("single", image) for image in images]
+        assert not all(np.array_equal(a, b) for a, b in zip(single, predictions, strict=True))
+
+
+def test_single_mode_resizes_and_pads_for_a_fixed_size_model(pixelwise_model, rng):
+    # A 32x32-only model that cannot be rebuilt: a 20x40 image is resized to
+    # 16x32, padded to 32x32, and its scores resized back to 20x40.
+    model = pixelwise_model(KERNEL, BIAS, input_shape=(32, 32, 3))
+    image = rng.uniform(0, 255, (20, 40, 3)).astype("float32")
+    scores = predict_scores(model, image, "single")
+    expected = numpy_resize(numpy_logits(numpy_resize(image, (16, 32))), (20, 40))
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="crop_size"):
+        predict_scores(model, image, "sliding", crop_size=24)
+
+
+def test_pad_value_is_the_mean_pixel_in_rgb(pixelwise_model):
+    bgr = pixelwise_model(KERNEL, BIAS, mean=(10.0, 20.0, 30.0), channel_order="bgr")
+    predictor = as_predictor(bgr)
+    np.testing.assert_array_equal(predictor.pad_value, [30.0, 20.0, 10.0])
+    normalised = bgr.get_layer("preprocessing")(predictor.pad_value[None, None, None])
+    np.testing.assert_array_equal(np.asarray(normalised), 0.0)
+
+
+def test_pspnet_is_rebuilt_for_any_size_and_modes_agree():
+    model = randomize_weights(
+        build_pspnet(3, "mobilenetv2", (64, 64, 3), alpha=0.35, aux_head=True)
+    )
+    predictor = as_predictor(model)
+    assert predictor.crop_size == (64, 64) and predictor.input_size is None
+    np.testing.assert_array_equal(predictor.pad_value, [127.5, 127.5, 127.5])
+    image = np.random.default_rng(0).uniform(0, 255, (50, 70, 3)).astype("float32")
+    single = predict_scores(predictor, image, "single")
+    # The same network built statically for this exact size (an independent graph).
+    static = rebuild(model, input_shape=(50, 70, 3), aux_head=False)
+    np.testing.assert_allclose(single, static(image[None], training=False)[0], atol=1e-4)
+    # One window covering the whole image is the single-scale pass.
+    sliding = predict_scores(predictor, image, "sliding", crop_size=(50, 70))
+    np.testing.assert_allclose(sliding, single, atol=1e-5)
+    np.testing.assert_allclose(single_logits(predictor, image), single, atol=1e-6)
+
+
+def test_evaluate_names_the_image_with_out_of_range_labels(pixelwise_model):
+    labels = np.zeros((1, 8, 8), "int32")
+    labels[0, 2, 3] = 7
+    image = np.zeros((1, 8, 8, 3), "float32")
+    data = [(image, np.zeros((1, 8, 8), "int32")), (image, labels)]
+    with pytest.raises(ValueError, match=r"image 1: label values \[7\]"):
+        evaluate(pixelwise_model(KERNEL, BIAS), data, verbose=0)
+
+
+def test_reports_table_json_and_confusion_png(pixelwise_model, tmp_path):
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("# my classes\nsky\n\n road \ntree\n")
+    image = np.zeros((1, 4, 4, 3), "float32")  # every pixel predicted as the same class
+    predicted = int(numpy_logits(image[0, 0, 0]).argmax())
+    labels = np.full((1, 4, 4), predicted, "int32")
+    labels[0, 0] = (predicted + 1) % 3
+    report = evaluate(
+        pixelwise_model(KERNEL, BIAS), [(image, labels)], class_names=names_file, verbose=0
+    )
+    assert report["class_names"] == ["sky", "road", "tree"]
+    assert report["pixel_accuracy"] == pytest.approx(12 / 16)
+    assert report["per_class_iou"][predicted] == pytest.approx(12 / 16)
+    text = format_report(report)
+    assert "road" in text and "75.00" in text
+    write_json_report(report, tmp_path / "out" / "report.json")
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["miou"] == pytest.approx(report["miou"])
+    missing = 3 - len({predicted, (predicted + 1) % 3})
+    assert saved["per_class_iou"].count(None) == missing  # NaN -> null
+    assert saved["confusion_matrix"][(predicted + 1) % 3][predicted] == 4
+    png = plot_confusion_matrix(report, tmp_path / "confusion.png")
+    with Image.open(png) as picture:
+        assert picture.format == "PNG" and min(picture.size) > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "names.txt", "out"]
+    with pytest.raises(ValueError, match="2 class names given for 3"):
+        evaluate(pixelwise_model(KERNEL, BIAS), [(image, labels)], class_names=["a", "b"])
+
+
+def test_cli_evaluate_writes_the_same_report(pixelwise_model, tmp_path, rng, capsys):
+    images, labels = _dataset(rng, [(24, 30), (40, 36)])
+    lines = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image.round().astype("uint8")).save(tmp_path / f"i{i}.png")
+        Image.fromarray(label.astype("uint8")).save(tmp_path / f"l{i}.png")
+        lines.append(f"i{i}.png l{i}.png")
+    (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
+    model = pixelwise_model(KERNEL, BIAS, metadata={"class_names": ["a", "b", "c"]})
+    model.save(tmp_path / "model.keras")
+    code = cli_main(
+        ["evaluate", "--model", str(tmp_path / "model.keras"), "--data", str(tmp_path),
+         "--layout", "list", "--mode", "sliding", "--crop-size", "32",
+         "--json", str(tmp_path / "r.json"), "--confusion-png", str(tmp_path / "c.png")]
+    )  # fmt: skip
+    assert code == 0
+    saved = json.loads((tmp_path / "r.json").read_text())
+    rounded = [image.round() for image in images]
+    miou, _ = numpy_miou(labels, [numpy_logits(x).argmax(-1) for x in rounded], 3)
+    assert saved["miou"] == pytest.approx(miou, rel=1e-12)
+    assert saved["class_names"] == ["a", "b", "c"] and (tmp_path / "c.png").is_file()
+    assert "mIoU" in capsys.readouterr().out
