@@ -262,13 +262,19 @@ def _visuals(predictor, class_names, palette):
     return palette, list(names)
 
 
-def _render(image, labels, what, palette, names, alpha, legend):
-    """The coloured mask or the overlay of one image, with an optional legend."""
+def _render(image, labels, what, palette, names, alpha, legend, every_class=False):
+    """The coloured mask or the overlay of one image, with an optional legend.
+
+    The legend lists the classes present, or every class (``every_class``: video
+    frames must all have the same size).
+    """
     if what == "masks":
         picture = colorize(labels, palette)
     else:
         picture = overlay(image, labels, palette, alpha)
-    return add_legend(picture, names, palette, labels) if legend else picture
+    if not legend:
+        return picture
+    return add_legend(picture, names, palette, None if every_class else labels)
 
 
 def predict_files(
@@ -380,11 +386,9 @@ def predict_video(
                 target = os.path.join(output_dir, f"{stem}_labels", f"{index:06d}.png")
                 written.append(save_label_png(labels, target, palette))
             for what in videos:
-                picture = _render(image, labels, what, palette, names, alpha, legend)
-                if what not in writers:
-                    size = (picture.shape[1], picture.shape[0])
-                    fourcc = cv2.VideoWriter_fourcc(*codec)
-                    writers[what] = cv2.VideoWriter(temporaries[what], fourcc, fps, size)
+                picture = _render(image, labels, what, palette, names, alpha, legend, True)
+                if what not in writers:  # sized by the first frame
+                    writers[what] = _video_writer(temporaries[what], codec, fps, picture.shape)
                     stack.callback(writers[what].release)
                 writers[what].write(np.ascontiguousarray(picture[..., ::-1]))
             index += 1
@@ -394,6 +398,13 @@ def predict_video(
         for writer in writers.values():
             writer.release()  # flush before atomic_path renames the file
     return written + list(targets.values())
+
+
+def _video_writer(path, codec, fps, shape):
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), fps, (shape[1], shape[0]))
+    if not writer.isOpened():
+        raise ValueError(f"OpenCV cannot write a {codec} video to {path!r}")
+    return writer
 
 
 @contextlib.contextmanager
