@@ -160,6 +160,45 @@ def _export(args):
     return 0
 
 
+def _convert(args):
+    import os
+    import warnings
+
+    from pspnet_tf.model import get_metadata
+    from pspnet_tf.weights import convert_checkpoint
+
+    size = args.input_size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the dropped tensors are printed below
+            model = convert_checkpoint(
+                args.source,
+                args.checkpoint,
+                input_shape=(size, size, 3) if size else (None, None, 3),
+                output_stride=args.output_stride,
+                aux_head=False if args.no_aux else None,
+                dataset=args.dataset,
+            )
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"pspnet-tf convert: error: {error}", file=sys.stderr)
+        return 1
+    output = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    partial = os.path.join(os.path.dirname(output), f".partial.{os.path.basename(output)}")
+    model.save(partial)
+    os.replace(partial, output)  # nothing half-written under the final name
+    meta = get_metadata(model)
+    arch, pre = meta["architecture"], meta["architecture"]["preprocessing"]
+    print(f"wrote {output}: {arch['backbone']}, {arch['num_classes']} classes, "
+          f"output stride {arch['output_stride']}, aux head {arch['aux_head']}")  # fmt: skip
+    print(f"input preprocessing (applied by the model): channel_order {pre['channel_order']}, "
+          f"mean {pre['mean']}, std {pre['std']} (0-255 units)")  # fmt: skip
+    dropped = meta["weights_source"]["dropped"]
+    if dropped:
+        print(f"dropped {len(dropped)} auxiliary-head tensors: {', '.join(dropped)}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pspnet-tf", description="PSPNet for Keras 3 / TensorFlow."
@@ -229,6 +268,20 @@ def build_parser():
     p.add_argument("--input-size", type=int, nargs="+", help="TFLite input H [W]")
     p.add_argument("--quantize", choices=["dynamic"], help="TFLite dynamic-range quantisation")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("convert", help="convert a published PSPNet checkpoint to a .keras model")
+    p.add_argument(
+        "--from", dest="source", required=True, choices=["semseg", "bubbliiiing", "caffe"],
+        help="semseg: hszhao/semseg .pth; bubbliiiing: bubbliiiing/pspnet-pytorch .pth; "
+        "caffe: the Caffe model as .npy (see weights/README.md)",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="the checkpoint file")
+    p.add_argument("--output", required=True, help="the .keras file to write")
+    p.add_argument("--input-size", type=int, default=0, help="square input size; 0: any size")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], help="default: the source's")
+    p.add_argument("--no-aux", action="store_true", help="drop the auxiliary head")
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
+    p.set_defaults(func=_convert)
     return parser
 
 

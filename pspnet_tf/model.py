@@ -163,6 +163,7 @@ def build_pspnet(
     dropout=0.1,
     preprocessing="imagenet",
     alpha=1.0,
+    backbone_variant=None,
     class_names=None,
     palette=None,
     name=None,
@@ -179,8 +180,14 @@ def build_pspnet(
         backbone_weights: None, ``"imagenet"`` (``keras.applications`` weights,
             downloaded once) or a weights file path (legacy ``.h5``, ``.keras``
             or ``.weights.h5`` of the matching ``keras.applications`` model).
-        weights: None or the path of a ``.keras`` or ``.weights.h5`` file of a
-            PSPNet with this architecture.
+        weights: None, the name of published weights (see
+            ``pspnet_tf.weights.PRETRAINED``; downloaded and converted once) or
+            the path of a ``.keras``/``.weights.h5`` PSPNet file. The network
+            arguments left at their defaults (``backbone``, ``output_stride``,
+            ``alpha``, ``bins``, ``align_corners``, ``preprocessing``,
+            ``backbone_variant``) follow what the weights were trained with; a
+            different ``num_classes`` keeps everything but the classifiers,
+            which start fresh (a warning names them).
         bins: sequence of int or None. Pyramid bins; None takes seed 000's table
             for inputs of 473, 713 (1, 2, 3, 6), 320 and 512 (1, 2, 4, 8), else
             1, 2, 3, 6. Stored in the model, so :func:`rebuild` keeps them.
@@ -191,6 +198,10 @@ def build_pspnet(
             expect), ``"torch"``, ``"caffe"``, ``"tf"``, None or a dict; see
             :func:`resolve_preprocessing`.
         alpha: float. MobileNetV2 width multiplier. Defaults to 1.0.
+        backbone_variant: dict or None. How the backbone differs from
+            ``keras.applications`` (deep stem, stride in the 3x3 conv, padding,
+            BatchNorm epsilon, ...): see :func:`pspnet_tf.backbones.resolve_variant`.
+            None builds the ``keras.applications``-compatible backbone.
         class_names: list of str or None. Stored in the model's metadata.
         palette: list of ``[r, g, b]`` or None. Stored in the model's metadata.
         name: str or None. Model name; defaults to ``"pspnet_<backbone>"``.
@@ -205,6 +216,46 @@ def build_pspnet(
     >>> model.output_shape
     (None, 320, 320, 21)
     """
+    network = {
+        "backbone": backbone,
+        "output_stride": output_stride,
+        "alpha": alpha,
+        "bins": bins,
+        "align_corners": align_corners,
+        "preprocessing": preprocessing,
+        "backbone_variant": backbone_variant,
+    }
+    label, stored = weights, None
+    if weights is not None:
+        weights, stored = weights_lib.locate(weights)
+    if stored and "architecture" in stored:
+        network = weights_lib.follow_weights(network, stored["architecture"], label)
+        if class_names is None and stored["architecture"].get("num_classes") == num_classes:
+            class_names, palette = stored.get("class_names"), palette or stored.get("palette")
+    model = _assemble(
+        num_classes,
+        input_shape,
+        network,
+        aux_head=aux_head,
+        backbone_weights=backbone_weights,
+        dropout=dropout,
+        class_names=class_names,
+        palette=palette,
+        name=name,
+    )
+    if weights is not None:
+        weights_lib.load_pspnet_weights(model, weights, label=label)
+    return model
+
+
+def _assemble(num_classes, input_shape, network, **options):
+    """The network of :func:`build_pspnet`, with freshly initialised (or ImageNet) weights."""
+    backbone, output_stride, alpha = network["backbone"], network["output_stride"], network["alpha"]
+    align_corners, aux_head, dropout = (
+        network["align_corners"],
+        options["aux_head"],
+        options["dropout"],
+    )
     if backbone not in backbones.BACKBONES:
         raise ValueError(f"backbone must be one of {backbones.BACKBONES}, got {backbone!r}")
     if int(num_classes) < 1:
@@ -212,7 +263,7 @@ def build_pspnet(
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or input_shape[2] != 3:
         raise ValueError(f"input_shape must be (height, width, 3), got {input_shape!r}")
-    bins = choose_bins(input_shape, bins)
+    bins = choose_bins(input_shape, network["bins"])
     architecture = {
         "num_classes": int(num_classes),
         "backbone": backbone,
@@ -222,22 +273,25 @@ def build_pspnet(
         "align_corners": bool(align_corners),
         "aux_head": bool(aux_head),
         "dropout": float(dropout),
-        "preprocessing": resolve_preprocessing(preprocessing, backbone),
+        "preprocessing": resolve_preprocessing(network["preprocessing"], backbone),
+        "backbone_variant": backbones.resolve_variant(backbone, network["backbone_variant"]),
     }
     metadata = {
         "architecture": architecture,
-        "class_names": _check_class_names(class_names, num_classes),
-        "palette": _check_palette(palette),
+        "class_names": _check_class_names(options["class_names"], num_classes),
+        "palette": _check_palette(options["palette"]),
         "weights": None,
     }
     image = keras.Input(input_shape, name="image")
     x = Preprocessing(**architecture["preprocessing"], metadata=metadata, name=PREPROCESSING_LAYER)(
         image
     )
-    features = backbones.build_backbone(x, backbone, output_stride, alpha)
-    if backbone_weights is not None:
+    features = backbones.build_backbone(
+        x, backbone, output_stride, alpha, architecture["backbone_variant"]
+    )
+    if options["backbone_weights"] is not None:
         _load_backbone_weights(
-            keras.Model(image, features["main"]), backbone, alpha, backbone_weights
+            keras.Model(image, features["main"]), backbone, alpha, options["backbone_weights"]
         )
     main_channels = features["main"].shape[-1]
     is_resnet = backbone != "mobilenetv2"
@@ -262,10 +316,7 @@ def build_pspnet(
             "aux",
         )
         outputs = {"main": outputs, "aux": aux}
-    model = keras.Model(image, outputs, name=name or f"pspnet_{backbone}")
-    if weights is not None:
-        load_pspnet_weights(model, weights)
-    return model
+    return keras.Model(image, outputs, name=options["name"] or f"pspnet_{backbone}")
 
 
 def _check_class_names(class_names, num_classes):
@@ -303,21 +354,8 @@ def _load_backbone_weights(backbone_model, backbone, alpha, source):
     )
 
 
-def load_pspnet_weights(model, path):
-    """Loads a PSPNet weights file (``.keras`` by layer name, or ``.weights.h5``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weights {path!r}: no such file (the registry of published weights "
-            "is not part of this version)"
-        )
-    if path.endswith(".weights.h5"):
-        model.load_weights(path)
-    else:
-        named = weights_lib.named_weights_from_file(path)
-        weights_lib.assign_by_name(model, named, source=path)
-    set_metadata(model, weights=path)
-    return model
+# Moved to pspnet_tf.weights with the registry; kept here for existing callers.
+load_pspnet_weights = weights_lib.load_pspnet_weights
 
 
 def get_metadata(model):
