@@ -24,7 +24,8 @@ from pspnet_tf.classes import DATASETS
 
 _SEMSEG_URL = "https://drive.google.com/open?id=15wx9vOM0euyizq-M1uINgN0_wjVRf9J3"
 _SEMSEG_TERMS = (
-    "MIT licence (hszhao/semseg, code and released models); the dataset's terms of use apply"
+    "hszhao/semseg is MIT-licensed; no separate terms are stated for the released models; "
+    "the dataset's terms of use apply"
 )
 _BUBBLIIIING_TERMS = (
     "no licence file in bubbliiiing/pspnet-pytorch (all rights reserved by default); "
