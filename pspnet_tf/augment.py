@@ -17,6 +17,7 @@ tensor, so a pipeline that seeds each element reproducibly gives reproducible ba
 from __future__ import annotations
 
 import math
+import numbers
 
 import tensorflow as tf
 
@@ -37,7 +38,7 @@ BLUR_SIGMA = 1.1
 
 def crop_hw(crop_size):
     """``crop_size`` (int or ``(height, width)``) as a ``(height, width)`` tuple of ints."""
-    if isinstance(crop_size, int):
+    if isinstance(crop_size, numbers.Integral):
         crop_size = (crop_size, crop_size)
     height, width = (int(v) for v in crop_size)
     if height < 1 or width < 1:

@@ -136,7 +136,8 @@ def _decode_image(path):
 
 
 def _palette_label(raw, path):
-    return read_label(raw, path.decode())
+    # numpy_function passes bytes inside tf.data and 0-d arrays when run eagerly.
+    return read_label(np.asarray(raw).item(), np.asarray(path).item().decode())
 
 
 def _decode_label(path):
@@ -147,14 +148,12 @@ def _decode_label(path):
         _assert(_tail_contains(raw, b"IEND"), path, "truncated label PNG (no IEND chunk)"),
     ]
     with tf.control_dependencies(checks):
-        # IHDR: bit depth at byte 24, colour type at byte 25 (0 gray, 2 RGB, 3 palette, 6 RGBA).
+        # IHDR: bit depth at byte 24, colour type at byte 25 (0 gray, 2 RGB, 3 palette, ...).
         depth = tf.strings.substr(raw, 24, 1)
         colour = tf.strings.substr(raw, 25, 1)
 
     def gray():
-        check = _assert(tf.not_equal(depth, b"\x10"), path, "16-bit label PNG (need 8-bit)")
-        with tf.control_dependencies([check]):
-            return tf.io.decode_png(raw, channels=1)[..., 0]
+        return tf.io.decode_png(raw, channels=1)[..., 0]
 
     def rgb():
         pixels = tf.io.decode_png(raw, channels=3)
@@ -163,11 +162,18 @@ def _decode_label(path):
         with tf.control_dependencies([check]):
             return tf.identity(pixels[..., 0])
 
-    def palette():
+    def palette():  # any bit depth: Pillow returns the indices
         return tf.numpy_function(_palette_label, [raw, path], tf.uint8, stateful=False)
 
-    index = tf.where(tf.equal(colour, b"\x03"), 2, tf.where(tf.equal(colour, b"\x00"), 0, 1))
-    label = tf.switch_case(tf.cast(index, tf.int32), [gray, rgb, palette])
+    def other_depth():  # decode_png would rescale the values of 1-16 bit gray or RGB
+        with tf.control_dependencies([_assert(False, path, "label PNG is not 8-bit")]):
+            return tf.zeros([0, 0], tf.uint8)
+
+    is_8bit = tf.equal(depth, b"\x08")
+    index = tf.where(tf.equal(colour, b"\x00"), 0, 1)
+    index = tf.where(is_8bit, index, 3)
+    index = tf.where(tf.equal(colour, b"\x03"), 2, index)
+    label = tf.switch_case(index, [gray, rgb, palette, other_depth])
     label.set_shape([None, None])
     return label
 

@@ -119,18 +119,23 @@ def test_ade20k_zero_is_ignored_and_classes_shift_down(tmp_path):
     np.testing.assert_array_equal(label[0], [[255, 0, 1, 74, 149, 255]] * 2)
 
 
-def test_list_layout_reads_png_images_exactly_and_gray_rgb_labels(tmp_path, rng):
+def test_list_layout_reads_png_images_exactly_and_gray_rgb_and_2bit_labels(tmp_path, rng):
     root = str(tmp_path)
     pixels = rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)
     label = _label_with([0, 3, 255], 12, 14, rng)
+    small = _label_with([0, 1, 2, 3], 12, 14, rng)
     _write_image(os.path.join(root, "imgs", "p.png"), pixels)
     _write_label(os.path.join(root, "labs", "p.png"), label, mode="RGB")  # r = g = b: allowed
+    image = Image.fromarray(small, "L")
+    image.putpalette(FLAT_VOC_PALETTE[:12])
+    image.save(os.path.join(root, "labs", "q.png"), bits=2)  # 2-bit palette indices
     os.makedirs(os.path.join(root, "list"))
     with open(os.path.join(root, "list", "val.txt"), "w") as file:  # found as <root>/list/
-        file.write("# image label\nimgs/p.png labs/p.png\n\n")
-    [(image, out)] = _batches(load_dataset(root, "list", "val", 4))
+        file.write("# image label\nimgs/p.png labs/p.png\n\nimgs/p.png labs/q.png\n")
+    [(image, out), (_, out_small)] = _batches(load_dataset(root, "list", "val", 4))
     np.testing.assert_array_equal(image[0], pixels)
     np.testing.assert_array_equal(out[0], label)
+    np.testing.assert_array_equal(out_small[0], small)
 
 
 def test_eval_crop_pads_and_batches(voc):
@@ -205,6 +210,11 @@ BAD_CASES = {
         "png",
         ">= num_classes (21)",
     ),
+    "16-bit label": (
+        lambda img, lab, rng: Image.fromarray(np.zeros((20, 24), np.uint16)).save(lab),
+        "png",
+        "8-bit",
+    ),
     "rgb label": (
         lambda img, lab, rng: Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(
             lab
@@ -225,7 +235,7 @@ def test_bad_data_errors_name_the_file(case, voc, rng):
     bad_path = image_path if extension == "jpg" else label_path
     with pytest.raises((tf.errors.OpError, FileNotFoundError)) as info:
         _batches(load_dataset(root, "voc", "train", 21))
-    assert bad_path in str(info.value) and words.split()[0] in str(info.value)
+    assert bad_path in str(info.value) and words in str(info.value)
     problems = check_dataset(root, "voc", "train", 21)
     assert len(problems) == 1 and bad_path in problems[0], problems
     assert words.split()[0] in problems[0]
