@@ -86,3 +86,12 @@ def pixelwise_model():
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A small generated demo dataset (VOC layout, 6 classes, 64x64): 16 train, 8 val."""
+    from pspnet_tf.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    return make_demo_dataset(root, num_train=16, num_val=8, size=64, seed=0, difficulty=0.0)

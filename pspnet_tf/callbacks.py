@@ -1,0 +1,224 @@
+"""Callbacks of a training run: freezing, checkpoints, logs, resume, NaN guard.
+
+:func:`make_callbacks` assembles them in the order they must run; Keras ships
+``BackupAndRestore`` (resume), ``CSVLogger`` and ``TensorBoard``, the rest is here
+because Keras' versions do not do what a resumable segmentation run needs (each
+class says why).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from pspnet_tf.model import PREPROCESSING_LAYER, inference_model
+
+# Layers that PSPNet adds on top of the backbone (see model.py's names).
+HEAD_PREFIXES = ("ppm_", "main_", "aux_")
+HEAD_OUTPUTS = ("main", "aux")
+
+
+def is_head_layer(name):
+    """True for the pyramid pooling module and the heads (``ppm_*``, ``main_*``, ``aux_*``)."""
+    return name in HEAD_OUTPUTS or name.startswith(HEAD_PREFIXES)
+
+
+def backbone_layers(model):
+    """The backbone's layers: every layer except the input, preprocessing and head layers."""
+    return [
+        layer
+        for layer in model.layers
+        if not is_head_layer(layer.name)
+        and layer.name != PREPROCESSING_LAYER
+        and not isinstance(layer, keras.layers.InputLayer)
+    ]
+
+
+def log_key(model, name):
+    """The ``fit`` log key of a metric on ``main``: ``"main_miou"`` with an aux head, else
+    ``"miou"`` (Keras prefixes metric names with the output name for dict outputs)."""
+    return f"main_{name}" if isinstance(model.output, dict) else name
+
+
+def save_model_atomic(model, path):
+    """Saves ``model`` to ``path`` (``.keras``) through a temporary file and a rename."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+
+
+class BackboneFreeze(keras.callbacks.Callback):
+    """Freezes the backbone for the first ``epochs`` epochs, then unfreezes it.
+
+    Frozen layers also run BatchNorm in inference mode (Keras' rule for
+    ``trainable=False``). The train function is rebuilt when the state changes.
+
+    Args:
+        epochs: int. Epochs (counted from 0 of the whole run, so resuming keeps the
+            schedule) during which the backbone is frozen.
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = int(epochs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        layers = backbone_layers(self.model)
+        trainable = epoch >= self.epochs
+        if any(layer.trainable != trainable for layer in layers):
+            for layer in layers:
+                layer.trainable = trainable
+            self.model.make_train_function(force=True)
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """Saves the inference model (``main`` output) as ``last.keras`` and ``best.keras``.
+
+    Not ``keras.callbacks.ModelCheckpoint`` because a checkpoint here must (1) be
+    the inference model, not the training model with its aux head, (2) be written
+    atomically, as runs are killed and resumed, and (3) remember the best score
+    across a resume (read back from the CSV log).
+
+    Args:
+        directory: str. Folder of the two files.
+        monitor: str. Log key, e.g. ``"val_main_miou"``.
+        mode: ``"max"`` or ``"min"``.
+        history_csv: str or None. The ``CSVLogger`` file of this run.
+    """
+
+    def __init__(self, directory, monitor, mode="max", history_csv=None):
+        super().__init__()
+        self.directory, self.monitor, self.mode = directory, monitor, mode
+        self.history_csv = history_csv
+        self.best = None
+
+    def _better(self, value, best):
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    def on_train_begin(self, logs=None):
+        if self.history_csv and os.path.isfile(self.history_csv):
+            with open(self.history_csv, newline="") as file:
+                for row in csv.DictReader(file):
+                    value = float(row.get(self.monitor) or "nan")
+                    if math.isfinite(value) and self._better(value, self.best):
+                        self.best = value
+
+    def on_epoch_end(self, epoch, logs=None):
+        model = inference_model(self.model)
+        save_model_atomic(model, os.path.join(self.directory, "last.keras"))
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value) and self._better(value, self.best):
+            self.best = float(value)
+            save_model_atomic(model, os.path.join(self.directory, "best.keras"))
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to the epoch logs and prints a one-line summary per epoch.
+
+    ``epoch 3/10: loss 0.5123 - val_miou 0.4310 - lr 8.71e-03 - 12.3 s``. Put it
+    before ``CSVLogger`` and ``TensorBoard`` so that they log the learning rate too.
+
+    Args:
+        epochs: int. Total epochs of the run.
+        miou_key: str. Log key of the validation mIoU.
+        print_fn: callable taking a str. Defaults to ``print``.
+    """
+
+    def __init__(self, epochs, miou_key="val_miou", print_fn=print):
+        super().__init__()
+        self.epochs, self.miou_key, self.print_fn = epochs, miou_key, print_fn
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = lr
+        parts = [f"epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', float('nan')):.4f}"]
+        if self.miou_key in logs:
+            parts.append(f"val_miou {logs[self.miou_key]:.4f}")
+        parts += [f"lr {lr:.3g}", f"{time.perf_counter() - self._start:.1f} s"]
+        self.print_fn(" - ".join(parts))
+
+
+class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
+    """Stops training with an error that says what to try when the loss is NaN or Inf.
+
+    Keras' own callback stops quietly (or raises a bare error); this raises
+    ``FloatingPointError`` naming the epoch and batch. The last backup (previous
+    epoch) stays in place, so a rerun with a lower learning rate resumes from it.
+    """
+
+    def __init__(self):
+        super().__init__(raise_error=True)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}."
+                " Usual causes: a learning rate too high for this batch size (try a lower"
+                " learning_rate or warmup_steps), float16 overflow (use precision"
+                " mixed_bfloat16 or float32), or labels outside 0..num_classes-1 other than 255"
+                " (run pspnet-tf check-data)."
+            )
+
+
+def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, validation=True):
+    """The callbacks of a training run writing into ``output_dir``.
+
+    Args:
+        output_dir: str. Gets ``backup/`` (``BackupAndRestore``: weights, optimizer
+            state and epoch, for resuming), ``checkpoints/{last,best}.keras``,
+            ``history.csv`` and ``logs/`` (TensorBoard, if the ``tensorboard``
+            package is installed: ``pip install pspnet_tf[tensorboard]``).
+        model: the compiled training model (for the log key names).
+        epochs: int. Total epochs.
+        freeze_backbone_epochs: int. See :class:`BackboneFreeze`.
+        validation: bool. Whether ``fit`` gets validation data (``best.keras`` then
+            follows val mIoU, else the training loss).
+
+    Returns:
+        list of callbacks, in the order they must run.
+    """
+    miou = "val_" + log_key(model, "miou")
+    history_csv = os.path.join(output_dir, "history.csv")
+    callbacks = [TerminateOnNaN()]
+    if freeze_backbone_epochs:
+        callbacks.append(BackboneFreeze(freeze_backbone_epochs))
+    callbacks += [
+        # Here rather than appended by fit, so that the bar ends its line before the summary.
+        keras.callbacks.ProgbarLogger(),
+        EpochSummary(epochs, miou),
+        Checkpoints(
+            os.path.join(output_dir, "checkpoints"),
+            monitor=miou if validation else "loss",
+            mode="max" if validation else "min",
+            history_csv=history_csv,
+        ),
+        keras.callbacks.CSVLogger(history_csv, append=True),
+        # Last, so that an epoch counts as done only once everything above is written.
+        # double_checkpoint: a kill while writing leaves the previous backup usable.
+        keras.callbacks.BackupAndRestore(
+            os.path.join(output_dir, "backup"), double_checkpoint=True, delete_checkpoint=False
+        ),
+    ]
+    if importlib.util.find_spec("tensorboard"):  # TF >= 2.20 no longer installs it
+        callbacks.insert(-1, keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")))
+    else:
+        print("TensorBoard logs need `pip install tensorboard`; the CSV log is", history_csv)
+    return callbacks
