@@ -199,6 +199,24 @@ def _convert(args):
     return 0
 
 
+def _train(args):
+    from pspnet_tf.training import DEFAULTS, train
+
+    # Only the flags given on the command line override the config file.
+    overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
+    try:
+        train(args.config, **overrides)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"pspnet-tf train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _none_or(kind):
+    """argparse type: ``none``/``null`` -> None, else ``kind(value)``."""
+    return lambda value: None if value.lower() in ("none", "null") else kind(value)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pspnet-tf", description="PSPNet for Keras 3 / TensorFlow."
@@ -282,6 +300,42 @@ def build_parser():
     p.add_argument("--no-aux", action="store_true", help="drop the auxiliary head")
     p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
     p.set_defaults(func=_convert)
+
+    # Defaults live in pspnet_tf.training.DEFAULTS; unset flags leave the config file's value.
+    p = sub.add_parser(
+        "train",
+        argument_default=argparse.SUPPRESS,
+        help="train with the paper's recipe; rerunning the same command resumes",
+    )
+    p.add_argument("--config", default=None, help="YAML/JSON config file; flags override it")
+    p.add_argument("--data", help="dataset folder")
+    p.add_argument("--layout", choices=["voc", "cityscapes", "ade20k", "list"])
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--backbone", choices=["resnet50", "resnet101", "mobilenetv2"])
+    p.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
+    p.add_argument("--aux-head", action=argparse.BooleanOptionalAction)
+    p.add_argument("--backbone-weights", type=_none_or(str), help="imagenet, a file or none")
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=_none_or(int))
+    p.add_argument("--validation-steps", type=_none_or(int))
+    p.add_argument("--train-split")
+    p.add_argument("--val-split", type=_none_or(str), help="none: no validation")
+    p.add_argument("--loss", help="ce, dice, focal, ce+dice or focal+dice")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--head-lr-multiplier", type=float)
+    p.add_argument("--freeze-backbone-epochs", type=int)
+    p.add_argument("--precision", choices=["float32", "mixed", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--strategy", choices=["auto", "none", "mirrored", "multi_worker"])
+    p.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction)
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--verbose", type=int, choices=[0, 1, 2])
+    p.add_argument("--output", help="run folder: model.keras, checkpoints, logs, config")
+    p.set_defaults(func=_train)
     return parser
 
 
