@@ -100,12 +100,15 @@ def synchronize_batch_norm(model):
 
 
 class _RestoreOnly(keras.callbacks.BackupAndRestore):
-    """A non-chief worker restores from the chief's backup and never writes it."""
+    """A non-chief worker restores from the chief's backup and never writes or deletes it."""
 
     def on_epoch_end(self, epoch, logs=None):
         pass
 
     def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
         pass
 
 
@@ -114,7 +117,11 @@ def _worker_callbacks(callbacks):
     kept = [c for c in callbacks if isinstance(c, (TerminateOnNaN, BackboneFreeze))]
     for c in callbacks:
         if isinstance(c, keras.callbacks.BackupAndRestore):
-            kept.append(_RestoreOnly(c.backup_dir, double_checkpoint=c.double_checkpoint))
+            kept.append(
+                _RestoreOnly(
+                    c.backup_dir, double_checkpoint=c.double_checkpoint, delete_checkpoint=False
+                )
+            )
     return kept
 
 

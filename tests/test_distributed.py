@@ -12,9 +12,19 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pspnet_tf import build_pspnet
-from pspnet_tf.distributed import choose_strategy, synchronize_batch_norm, tf_config_workers
+from pspnet_tf.callbacks import BackboneFreeze, TerminateOnNaN, make_callbacks
+from pspnet_tf.distributed import (
+    _RestoreOnly,
+    _worker_callbacks,
+    choose_strategy,
+    fit_multi_worker,
+    synchronize_batch_norm,
+    tf_config_workers,
+)
+from pspnet_tf.training import compile_for_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -143,3 +153,49 @@ def test_strategy_choice(monkeypatch):
     assert tf_config_workers() == 2
     with pytest.raises(ValueError, match="strategy must be one of"):
         choose_strategy("tpu")
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+
+def test_multi_worker_loop_trains_and_resumes_like_fit(tmp_path):
+    """The loop itself, in one process (default strategy): logs, callbacks and resume."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 3, (4, 32, 32)).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+    strategy = tf.distribute.get_strategy()
+
+    def run(epochs, extra=()):
+        keras.utils.set_random_seed(0)
+        model = build_pspnet(3, "mobilenetv2", (32, 32, 3), alpha=0.35)
+        compile_for_training(model, total_steps=8)
+        callbacks = [*make_callbacks(str(tmp_path), model, epochs=4), *extra]
+        history = fit_multi_worker(
+            model, strategy, data, epochs=epochs, steps_per_epoch=2, validation_data=data,
+            callbacks=callbacks, verbose=0,
+        )  # fmt: skip
+        return model, history
+
+    with pytest.raises(KeyboardInterrupt):
+        run(4, [_Interrupt()])
+    model, history = run(4)
+    assert history.epoch == [2, 3]
+    assert int(model.optimizer.iterations.numpy()) == 8
+    assert set(history.history) >= {"loss", "miou", "val_miou", "learning_rate"}
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2", "3"]
+    assert (tmp_path / "checkpoints" / "best.keras").is_file()
+
+
+def test_non_chief_workers_keep_training_callbacks_and_only_restore(tmp_path):
+    model = build_pspnet(3, "mobilenetv2", (32, 32, 3), alpha=0.35)
+    model.compile(loss="mse")
+    kept = _worker_callbacks(
+        make_callbacks(str(tmp_path), model, epochs=2, freeze_backbone_epochs=1)
+    )
+    assert [type(c) for c in kept] == [TerminateOnNaN, BackboneFreeze, _RestoreOnly]
+    assert kept[-1].backup_dir == str(tmp_path / "backup") and not kept[-1].delete_checkpoint

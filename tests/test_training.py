@@ -154,3 +154,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     assert result.returncode == 1
     assert "holds a run with other settings" in result.stderr
     assert "epochs" in result.stderr and "num_classes" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["voc2012", "cityscapes", "ade20k", "demo"])
+def test_example_configs_are_valid(name):
+    config = resolve_config(os.path.join(REPO, "examples", "configs", f"{name}.yaml"), output="o")
+    assert config["num_classes"] in (21, 19, 150, 6)
+    if name != "demo":  # the paper's recipe
+        assert (config["learning_rate"], config["momentum"], config["power"]) == (0.01, 0.9, 0.9)
+        assert (config["weight_decay"], config["aux_weight"], config["batch_size"]) == (
+            1e-4,
+            0.4,
+            16,
+        )
+        assert config["crop_size"] == {"cityscapes": 713}.get(name, 473)
