@@ -12,12 +12,14 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import time
 
 import keras
 import numpy as np
 
 from pspnet_tf.model import PREPROCESSING_LAYER, inference_model
+from pspnet_tf.predict import atomic_path
 
 # Layers that PSPNet adds on top of the backbone (see model.py's names).
 HEAD_PREFIXES = ("ppm_", "main_", "aux_")
@@ -44,15 +46,6 @@ def log_key(model, name):
     """The ``fit`` log key of a metric on ``main``: ``"main_miou"`` with an aux head, else
     ``"miou"`` (Keras prefixes metric names with the output name for dict outputs)."""
     return f"main_{name}" if isinstance(model.output, dict) else name
-
-
-def save_model_atomic(model, path):
-    """Saves ``model`` to ``path`` (``.keras``) through a temporary file and a rename."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
 
 
 class BackboneFreeze(keras.callbacks.Callback):
@@ -112,18 +105,21 @@ class Checkpoints(keras.callbacks.Callback):
                         self.best = value
 
     def on_epoch_end(self, epoch, logs=None):
-        model = inference_model(self.model)
-        save_model_atomic(model, os.path.join(self.directory, "last.keras"))
+        last = os.path.join(self.directory, "last.keras")
+        with atomic_path(last) as temporary:
+            inference_model(self.model).save(temporary)
         value = (logs or {}).get(self.monitor)
         if value is not None and math.isfinite(value) and self._better(value, self.best):
             self.best = float(value)
-            save_model_atomic(model, os.path.join(self.directory, "best.keras"))
+            with atomic_path(os.path.join(self.directory, "best.keras")) as temporary:
+                shutil.copyfile(last, temporary)
 
 
 class EpochSummary(keras.callbacks.Callback):
     """Adds ``learning_rate`` to the epoch logs and prints a one-line summary per epoch.
 
-    ``epoch 3/10: loss 0.5123 - val_miou 0.4310 - lr 8.71e-03 - 12.3 s``. Put it
+    ``epoch 3/10: loss 0.5123 - val_miou 0.4310 - lr 0.00871 - 12.3 s`` (the learning
+    rate of the next step). Put it
     before ``CSVLogger`` and ``TensorBoard`` so that they log the learning rate too.
 
     Args:

@@ -24,10 +24,11 @@ import yaml
 from pspnet_tf import distributed
 from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
-from pspnet_tf.callbacks import HEAD_PREFIXES, make_callbacks, save_model_atomic
+from pspnet_tf.callbacks import HEAD_PREFIXES, make_callbacks
 from pspnet_tf.classes import DATASETS, default_palette
 from pspnet_tf.model import build_pspnet, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
+from pspnet_tf.predict import atomic_path
 
 
 def compile_for_training(
@@ -213,11 +214,8 @@ def _check_or_write_config(config, path, write):
                 "use another output folder, or delete this one to start again"
             )
     if write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as file:
+        with atomic_path(path) as temporary, open(temporary, "w") as file:
             yaml.safe_dump(config, file, sort_keys=False)
-        os.replace(temporary, path)
 
 
 @contextlib.contextmanager
@@ -330,7 +328,8 @@ def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
     history = _fit(model, strategy, train_dataset, val_dataset, steps, callbacks, config)
     if chief:
         serving = rebuild(inference_model(model), input_shape=(None, None, 3), aux_head=False)
-        save_model_atomic(serving, os.path.join(output, "model.keras"))
+        with atomic_path(os.path.join(output, "model.keras")) as temporary:
+            serving.save(temporary)
     return model, history
 
 
