@@ -50,6 +50,12 @@ def _check_data(args):
     return 1 if problems else 0
 
 
+def _benchmark(args):
+    from pspnet_tf import benchmark
+
+    return benchmark.run(args)
+
+
 def _load_model(path):
     import os
 
@@ -160,6 +166,19 @@ def _export(args):
     return 0
 
 
+def _train(args):
+    from pspnet_tf.training import DEFAULTS, train
+
+    # Only the flags given on the command line override the config file.
+    overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
+    try:
+        train(args.config, **overrides)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"pspnet-tf train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _convert(args):
     import os
     import warnings
@@ -199,22 +218,16 @@ def _convert(args):
     return 0
 
 
-def _train(args):
-    from pspnet_tf.training import DEFAULTS, train
-
-    # Only the flags given on the command line override the config file.
-    overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
-    try:
-        train(args.config, **overrides)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        print(f"pspnet-tf train: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _none_or(kind):
     """argparse type: ``none``/``null`` -> None, else ``kind(value)``."""
     return lambda value: None if value.lower() in ("none", "null") else kind(value)
+
+
+def _demo(args):
+    from pspnet_tf.demo import run_demo
+
+    run_demo(args.output, quick=args.quick, verbose=0 if args.quiet else 1)
+    return 0
 
 
 def build_parser():
@@ -223,6 +236,12 @@ def build_parser():
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("demo", help="the main job: train, evaluate and export on generated data")
+    p.add_argument("--output", default="pspnet_demo", help="folder for everything it writes")
+    p.add_argument("--quick", action="store_true", help="a ~2 minute version for smoke tests")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("summary", help="build a PSPNet and print its layers and parameter count")
     p.add_argument(
@@ -242,6 +261,12 @@ def build_parser():
     p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check")
     p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
     p.set_defaults(func=_check_data)
+
+    from pspnet_tf import benchmark
+
+    p = sub.add_parser("benchmark", help="speed and memory table of the models on this machine")
+    benchmark.add_arguments(p)
+    p.set_defaults(func=_benchmark)
     layouts = ["voc", "cityscapes", "ade20k", "list"]
     p = sub.add_parser("evaluate", help="mIoU, pixel accuracy and per-class IoU on a dataset")
     p.add_argument("--model", required=True, help=".keras model file")
@@ -287,20 +312,6 @@ def build_parser():
     p.add_argument("--quantize", choices=["dynamic"], help="TFLite dynamic-range quantisation")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("convert", help="convert a published PSPNet checkpoint to a .keras model")
-    p.add_argument(
-        "--from", dest="source", required=True, choices=["semseg", "bubbliiiing", "caffe"],
-        help="semseg: hszhao/semseg .pth; bubbliiiing: bubbliiiing/pspnet-pytorch .pth; "
-        "caffe: the Caffe model as .npy (see weights/README.md)",
-    )  # fmt: skip
-    p.add_argument("checkpoint", help="the checkpoint file")
-    p.add_argument("--output", required=True, help="the .keras file to write")
-    p.add_argument("--input-size", type=int, default=0, help="square input size; 0: any size")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], help="default: the source's")
-    p.add_argument("--no-aux", action="store_true", help="drop the auxiliary head")
-    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
-    p.set_defaults(func=_convert)
-
     # Defaults live in pspnet_tf.training.DEFAULTS; unset flags leave the config file's value.
     p = sub.add_parser(
         "train",
@@ -336,6 +347,20 @@ def build_parser():
     p.add_argument("--verbose", type=int, choices=[0, 1, 2])
     p.add_argument("--output", help="run folder: model.keras, checkpoints, logs, config")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="convert a published PSPNet checkpoint to a .keras model")
+    p.add_argument(
+        "--from", dest="source", required=True, choices=["semseg", "bubbliiiing", "caffe"],
+        help="semseg: hszhao/semseg .pth; bubbliiiing: bubbliiiing/pspnet-pytorch .pth; "
+        "caffe: the Caffe model as .npy (see weights/README.md)",
+    )  # fmt: skip
+    p.add_argument("checkpoint", help="the checkpoint file")
+    p.add_argument("--output", required=True, help="the .keras file to write")
+    p.add_argument("--input-size", type=int, default=0, help="square input size; 0: any size")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], help="default: the source's")
+    p.add_argument("--no-aux", action="store_true", help="drop the auxiliary head")
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
+    p.set_defaults(func=_convert)
     return parser
 
 

@@ -1,0 +1,228 @@
+"""The main job: ``pspnet-tf demo``, PSPNet end to end on a generated dataset.
+
+One run, on the CPU, with nothing to download:
+
+1. writes the demo dataset (:func:`pspnet_tf.demo_data.make_demo_dataset`, VOC layout);
+2. builds PSPNet-MobileNetV2 at 320x320 (the 320 row of the pyramid table: bins
+   1, 2, 4, 8) with the auxiliary head;
+3. trains it with ``model.fit`` on the ``tf.data`` pipeline, CE + dice loss and the
+   paper's schedule (poly learning rate, SGD with momentum and coupled L2), with
+   checkpoints and resume (:func:`pspnet_tf.training.train`);
+4. evaluates the validation split single-scale and with sliding windows;
+5. draws overlays of validation images beside their ground truth, the training curves
+   and the confusion matrix (PNG files);
+6. exports a SavedModel, reloads it and checks that it labels an image of another size
+   as the Keras model does;
+7. prints where everything is, and writes ``summary.json``.
+
+Rerunning into the same folder resumes an interrupted run; a finished run is reused
+(its model is evaluated again). The settings below are the library's ordinary options,
+chosen so that the default run finishes in about 10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+
+# The demo's settings: dataset, model and training recipe (printed in the summary).
+SETTINGS = {
+    "default": {
+        "dataset": {"num_train": 240, "num_val": 48, "size": 320, "seed": 0, "difficulty": 0.35},
+        "train": {
+            "backbone": "mobilenetv2", "alpha": 0.5, "crop_size": 320, "batch_size": 8,
+            "epochs": 12, "loss": "ce+dice", "learning_rate": 0.05, "warmup_steps": 30,
+            "aux_head": True, "seed": 0,
+        },
+        "sliding_crop": 224,
+    },
+    "quick": {
+        "dataset": {"num_train": 64, "num_val": 16, "size": 320, "seed": 0, "difficulty": 0.35},
+        "train": {
+            "backbone": "mobilenetv2", "alpha": 0.35, "crop_size": 320, "batch_size": 8,
+            "epochs": 4, "loss": "ce+dice", "learning_rate": 0.05, "warmup_steps": 8,
+            "aux_head": True, "seed": 0,
+        },
+        "sliding_crop": 224,
+    },
+}  # fmt: skip
+OVERLAY_IMAGES = 4
+OTHER_SIZE = (272, 400)  # the SavedModel check uses an image of neither the training size
+
+
+def run_demo(output="pspnet_demo", quick=False, verbose=1):
+    """Runs the demo end to end; returns the summary dict (also in ``summary.json``).
+
+    Args:
+        output: str. Folder for the dataset, the run, pictures and exports.
+        quick: bool. A smaller dataset, model and schedule (about 2 minutes).
+        verbose: int. 1 shows Keras progress bars, 0 only the summary lines.
+
+    Returns:
+        dict with the settings, wall time, validation scores per mode and file paths.
+    """
+    from pspnet_tf import demo_data
+    from pspnet_tf.data import load_dataset
+    from pspnet_tf.evaluation import evaluate, format_report, plot_confusion_matrix
+    from pspnet_tf.training import train
+
+    start = time.perf_counter()
+    settings = SETTINGS["quick" if quick else "default"]
+    output = os.path.abspath(output)
+    paths = _paths(output)
+    _say(f"[1/7] demo dataset -> {paths['data']}")
+    demo_data.make_demo_dataset(paths["data"], **settings["dataset"])
+    num_classes = len(demo_data.DEMO_CLASSES)
+    _say("[2-3/7] PSPNet-MobileNetV2 at 320x320 with aux head: training with model.fit")
+    train(
+        data=paths["data"], layout="voc", num_classes=num_classes,
+        class_names=list(demo_data.DEMO_CLASSES), output=paths["run"],
+        verbose=verbose, **settings["train"],
+    )  # fmt: skip
+    import keras
+
+    model = keras.models.load_model(paths["model"])
+    val = load_dataset(paths["data"], "voc", "val", num_classes, batch_size=1)
+    reports = {}
+    for mode, options in (("single", {}), ("sliding", {"crop_size": settings["sliding_crop"]})):
+        _say(f"[4/7] evaluating the validation split ({mode})")
+        reports[mode] = evaluate(model, val, num_classes, mode=mode, verbose=verbose, **options)
+        print(format_report(reports[mode]))
+    _say("[5/7] pictures")
+    plot_confusion_matrix(reports["single"], paths["confusion"])
+    _plot_overlays(model, val, paths["overlays"])
+    _plot_curves(os.path.join(paths["run"], "history.csv"), paths["curves"])
+    _say("[6/7] SavedModel export and reload check")
+    agreement = _export_and_check(model, paths["saved_model"], settings["dataset"]["seed"])
+    summary = {
+        "settings": settings,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "val_miou": {mode: report["miou"] for mode, report in reports.items()},
+        "val_pixel_accuracy": {m: r["pixel_accuracy"] for m, r in reports.items()},
+        "majority_class_miou": _majority_miou(reports["single"]),
+        "saved_model_label_agreement": agreement,
+        "paths": paths,
+    }
+    _write_json(paths["summary"], summary)
+    _print_summary(summary)
+    return summary
+
+
+def _paths(output):
+    join = os.path.join
+    return {
+        "output": output, "data": join(output, "data"), "run": join(output, "run"),
+        "model": join(output, "run", "model.keras"),
+        "overlays": join(output, "overlays.png"), "curves": join(output, "curves.png"),
+        "confusion": join(output, "confusion_matrix.png"),
+        "saved_model": join(output, "saved_model"), "summary": join(output, "summary.json"),
+    }  # fmt: skip
+
+
+def _say(message):
+    print(f"\n== {message}", flush=True)
+
+
+def _majority_miou(report):
+    """mIoU of predicting the most frequent true class everywhere (a floor to beat)."""
+    confusion = np.asarray(report["confusion_matrix"], np.float64)
+    truth = confusion.sum(axis=1)
+    majority = int(np.argmax(truth))
+    return float(truth[majority] / truth.sum() / np.count_nonzero(truth))
+
+
+def _plot_overlays(model, dataset, path):
+    """Rows of validation images: image, ground truth, prediction overlaid."""
+    from pspnet_tf.evaluation import resolve_class_names
+    from pspnet_tf.inference import as_predictor
+    from pspnet_tf.predict import (
+        add_legend,
+        colorize,
+        overlay,
+        predict_image,
+        resolve_palette,
+        save_image,
+    )
+
+    predictor = as_predictor(model)  # built once, not per image
+    num_classes = predictor.num_classes
+    palette = resolve_palette(num_classes, None, model)
+    rows = []
+    for images, labels in dataset.take(OVERLAY_IMAGES):
+        image, label = images[0].numpy(), labels[0].numpy()
+        predicted = predict_image(predictor, image)
+        rows.append(
+            np.concatenate(
+                [
+                    image.astype(np.uint8),
+                    colorize(label, palette),
+                    overlay(image, predicted, palette),
+                ],
+                axis=1,
+            )
+        )
+    names = resolve_class_names(num_classes, None, model)
+    save_image(add_legend(np.concatenate(rows, axis=0), names, palette), path)
+
+
+def _plot_curves(history_csv, path):
+    """Training loss, validation mIoU and learning rate per epoch, from the CSV log."""
+    from matplotlib.figure import Figure
+
+    with open(history_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    figure = Figure(figsize=(12, 3.5), dpi=90)
+    for index, (keys, title) in enumerate(
+        [
+            (("loss", "val_loss"), "loss"),
+            (("val_main_miou",), "val mIoU"),
+            (("learning_rate",), "learning rate"),
+        ]  # fmt: skip
+    ):
+        axes = figure.add_subplot(1, 3, index + 1)
+        for key in keys:
+            if rows and key in rows[0]:
+                axes.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _export_and_check(model, path, seed):
+    """Exports a SavedModel; returns the label agreement with Keras on an image of another size."""
+    from pspnet_tf.demo_data import render_scene
+    from pspnet_tf.export import export_saved_model, saved_model_agreement
+
+    export_saved_model(model, path)
+    image, _ = render_scene(np.random.default_rng(seed + 1), OTHER_SIZE)
+    agreement = saved_model_agreement(model, path, [image])
+    if agreement < 0.999:
+        raise RuntimeError(f"the SavedModel at {path} disagrees with Keras on {1 - agreement:.2%}")
+    return agreement
+
+
+def _write_json(path, data):
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as file:
+        json.dump(data, file, indent=2)
+    os.replace(temporary, path)
+
+
+def _print_summary(summary):
+    s = summary["settings"]
+    print("\n== [7/7] demo finished in", f"{summary['wall_time_s']:.0f} s")
+    print("settings:", json.dumps(s["train"]), "dataset:", json.dumps(s["dataset"]))
+    for mode, value in summary["val_miou"].items():
+        print(f"val mIoU ({mode}): {value:.3f}")
+    print(f"majority-class mIoU: {summary['majority_class_miou']:.3f}")
+    print(f"SavedModel labels agree with Keras on {summary['saved_model_label_agreement']:.2%}")
+    for name in ("data", "run", "model", "overlays", "curves", "confusion", "saved_model"):
+        print(f"{name:>12}: {summary['paths'][name]}")
+    print(f"{'summary':>12}: {summary['paths']['summary']}")
