@@ -239,7 +239,7 @@ def build_parser():
 
     p = sub.add_parser("demo", help="the main job: train, evaluate and export on generated data")
     p.add_argument("--output", default="pspnet_demo", help="folder for everything it writes")
-    p.add_argument("--quick", action="store_true", help="a ~2 minute version for smoke tests")
+    p.add_argument("--quick", action="store_true", help="a ~3 minute version for smoke tests")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 
@@ -335,6 +335,7 @@ def build_parser():
     p.add_argument("--train-split")
     p.add_argument("--val-split", type=_none_or(str), help="none: no validation")
     p.add_argument("--loss", help="ce, dice, focal, ce+dice or focal+dice")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="sgd (the paper's) or adamw")
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--head-lr-multiplier", type=float)

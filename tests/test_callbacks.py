@@ -6,6 +6,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pspnet_tf import build_pspnet
 from pspnet_tf.callbacks import (
@@ -67,6 +68,31 @@ def test_head_learning_rate_multiplier_reaches_head_variables_only():
     assert multipliers["aux_head_bn/gamma"] == 10.0
     assert multipliers["Conv1/kernel"] == 1.0
     assert multipliers["block_16_project_BN/beta"] == 1.0
+
+
+def test_adamw_step_follows_the_poly_schedule_with_decoupled_decay(data):
+    """One AdamW step against a numpy Adam update (first step: m/v bias-corrected)."""
+    images, labels = data
+    model = compile_for_training(
+        tiny_model(), total_steps=10, optimizer="adamw", learning_rate=0.002, weight_decay=0.01
+    )
+    assert isinstance(model.optimizer, keras.optimizers.AdamW)
+    variable = model.get_layer("main_classifier").kernel
+    before = variable.numpy().astype("float64")
+    targets = {"main": labels, "aux": labels}
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(images, targets, model(images, training=True))
+    gradient = tape.gradient(loss, variable).numpy().astype("float64")
+    model.optimizer.apply_gradients([(tf.constant(gradient, variable.dtype), variable)])
+    lr = 0.002  # step 0 of the poly schedule
+    m, v = 0.1 * gradient, 0.001 * gradient**2  # (1 - beta) * g, (1 - beta2) * g^2
+    step = lr * np.sqrt(1 - 0.999) / (1 - 0.9) * m / (np.sqrt(v) + 1e-7)
+    expected = before * (1 - lr * 0.01) - step  # decoupled decay, then the Adam step
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="head_lr_multiplier"):
+        compile_for_training(tiny_model(), total_steps=1, optimizer="adamw", head_lr_multiplier=10)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        compile_for_training(tiny_model(), total_steps=1, optimizer="adam")
 
 
 class _Snapshots(keras.callbacks.Callback):
