@@ -1,15 +1,22 @@
 """A generated segmentation dataset in the PASCAL VOC layout: nothing to download.
 
 Each scene is a textured background with several shapes (disc, square, triangle, ring,
-cross) that overlap and vary in size, rotation, aspect, colour and texture. Colours and
-textures are drawn from one distribution for every class, background included, so a pixel's
-colour says nothing about its class: the outline around it does (the middle of a disc and
-the hole of a ring look alike; only the surroundings tell them apart). Thin background
-"scribbles" in object colours make "colourful means object" wrong too. A 2-pixel band along
-every class boundary is labelled 255 (ignore), as in VOC.
+cross) that overlap and vary in size, rotation, aspect, colour and texture. From difficulty
+0.5 up, colours and textures are drawn from one distribution for every class, background
+included, so a pixel's colour says nothing about its class: the outline around it does (the
+middle of a disc and the hole of a ring look alike; only the surroundings tell them apart).
+Thin background "scribbles" in object colours make "colourful means object" wrong too. A
+2-pixel band along every class boundary is labelled 255 (ignore), as in VOC.
 
-``difficulty`` (0-1) sets how many and how small the shapes are, how busy the background
-is, how close object colours may come to it, how many scribbles and how much noise.
+Below difficulty 0.5 colour becomes a partial cue (:func:`colour_cue`): each shape class has
+a hue of its own, mixed with a random colour (fully at difficulty 0, fading out by 0.5).
+Against a background of random colour the hue alone is weak (a per-colour vote scores about
+0.2 mIoU even at difficulty 0), but with it a network learns in minutes on a CPU what the
+outlines alone teach only after thousands of steps.
+
+``difficulty`` (0-1) also sets how many and how small the shapes are, how strongly shapes
+and background are textured (inner edges compete with the outlines), how close object
+colours may come to the background's, how many scribbles and how much noise.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pspnet_tf.classes import IGNORE_LABEL, default_palette
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross")
 DEFAULT_DIFFICULTY = 0.5
 # Bump when the generator changes, so an existing folder is not mistaken for current output.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLIT_CODES = {"train": 0, "val": 1}
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel vertex positions give smooth outlines
 
@@ -115,18 +122,37 @@ def _add_shape(rng, image, label, grid, d, background_colour):
     angle, aspect, hole = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0.45, 0.6)
     outline = _outline(DEMO_CLASSES[kind], radius, angle, aspect, hole)
     mask, window = _shape_mask(outline, centre, label.shape)
-    colour = _object_colour(rng, background_colour, 140 * (1 - d))
+    colour = _object_colour(rng, background_colour, 140 * (1 - d), kind, colour_cue(d))
     yy, xx = grid[0][window], grid[1][window]
-    surface = _paint(rng, yy, xx, colour, contrast=rng.uniform(0.2, 0.8))
+    # Inner texture edges compete with the outline: faint on easy scenes, strong on hard ones.
+    surface = _paint(rng, yy, xx, colour, contrast=rng.uniform(0.0, 0.2 + 0.6 * d))
     # Soft edges for the image (as a camera would see them), hard ones for the label.
     alpha = cv2.GaussianBlur(mask[window].astype(np.float32), (3, 3), 0.7)[..., None]
     image[window] = image[window] * (1 - alpha) + surface * alpha
     label[mask] = kind
 
 
-def _object_colour(rng, background_mean, min_distance):
-    """A random colour at least ``min_distance`` from the background's, if one of 16 is."""
+def colour_cue(difficulty):
+    """How much an object's colour tells its class: 1 at difficulty 0, none from 0.5 on."""
+    return max(0.0, 1.0 - 2.0 * float(difficulty))
+
+
+def _class_colours(rng, kind, count):
+    """``count`` random RGB colours of class ``kind``'s own hue (hues evenly spaced)."""
+    hue = (kind - 1) / (len(DEMO_CLASSES) - 1) * 180 + rng.uniform(-8, 8, count)  # OpenCV: 0-180
+    saturation, value = rng.uniform(150, 255, count), rng.uniform(120, 255, count)
+    hsv = np.stack([hue % 180, saturation, value], -1).astype(np.uint8)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0].astype(np.float64)
+
+
+def _object_colour(rng, background_mean, min_distance, kind, cue):
+    """A colour at least ``min_distance`` from the background's, if one of 16 is.
+
+    The candidates mix a colour of the class's own hue (weight ``cue``) with a random one.
+    """
     candidates = rng.uniform(0, 255, (16, 3))
+    if cue > 0:
+        candidates = cue * _class_colours(rng, kind, 16) + (1 - cue) * candidates
     distance = np.linalg.norm(candidates - background_mean, axis=1)
     far = distance >= min_distance
     return candidates[np.argmax(far) if far.any() else np.argmax(distance)]
@@ -158,7 +184,7 @@ def render_scene(rng, size, difficulty=DEFAULT_DIFFICULTY):
     height, width = size
     grid = np.mgrid[0:height, 0:width].astype(np.float32)
     background_colour = rng.uniform(0, 255, 3)
-    image = _paint(rng, grid[0], grid[1], background_colour, contrast=0.3 + 0.5 * d)
+    image = _paint(rng, grid[0], grid[1], background_colour, contrast=0.15 + 0.65 * d)
     label = np.zeros((height, width), np.uint8)
     _scribbles(rng, image, int(rng.integers(0, 1 + round(8 * d))), lambda: rng.uniform(0, 255, 3))
     for _ in range(int(rng.integers(1 + round(2 * d), 4 + round(3 * d)))):
