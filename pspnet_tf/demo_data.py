@@ -38,6 +38,7 @@ DEFAULT_DIFFICULTY = 0.5
 # Bump when the generator changes, so an existing folder is not mistaken for current output.
 GENERATOR_VERSION = 2
 SPLIT_CODES = {"train": 0, "val": 1}
+SHAPE_SIZES = ("large", "small")
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel vertex positions give smooth outlines
 
 
@@ -114,11 +115,32 @@ def _shape_mask(outline, centre, shape):
     return mask.astype(bool), (slice(low[1], high[1]), slice(low[0], high[0]))
 
 
-def _add_shape(rng, image, label, grid, d, background_colour):
+def _shape_count(rng, d, shapes):
+    """How many shapes a scene gets: harder scenes get more."""
+    if shapes == "small":
+        return int(rng.integers(5 + round(2 * d), 9 + round(4 * d)))
+    return int(rng.integers(1 + round(2 * d), 4 + round(3 * d)))
+
+
+def _shape_place(rng, d, shapes, frame):
+    """Radius (pixels) and centre ``(x, y)`` of one shape in a ``frame = (h, w)`` scene.
+
+    ``"large"``: 0.16-0.3 of the short side (0.08-0.3 at difficulty 1), anywhere (often
+    cut off by the frame). ``"small"``: 0.06-0.13 (0.04-0.09), kept inside the frame on
+    easy scenes (a cut-off shape can look like another one).
+    """
+    frame = np.array(frame[::-1], np.float64)  # (w, h), as centres are (x, y)
+    if shapes == "large":
+        return min(frame) * rng.uniform(0.16 - 0.08 * d, 0.3), rng.uniform(0, 1, 2) * frame
+    radius = min(frame) * rng.uniform(0.06 - 0.02 * d, 0.13 - 0.04 * d)
+    margin = radius * (1 - d)
+    return radius, margin + rng.uniform(0, 1, 2) * np.maximum(frame - 2 * margin, 1)
+
+
+def _add_shape(rng, image, label, grid, d, background_colour, shapes):
     """Draws one random shape into ``image`` (float32) and ``label`` in place."""
     kind = int(rng.integers(1, len(DEMO_CLASSES)))
-    radius = min(label.shape) * rng.uniform(0.16 - 0.08 * d, 0.3)
-    centre = rng.uniform(0, 1, 2) * label.shape[::-1]
+    radius, centre = _shape_place(rng, d, shapes, label.shape)
     angle, aspect, hole = rng.uniform(0, 2 * np.pi), rng.uniform(0.85, 1.15), rng.uniform(0.45, 0.6)
     outline = _outline(DEMO_CLASSES[kind], radius, angle, aspect, hole)
     mask, window = _shape_mask(outline, centre, label.shape)
@@ -168,18 +190,23 @@ def _scribbles(rng, image, count, colour_of):
         cv2.polylines(image, [vertices], False, colour, int(rng.integers(2, 5)), cv2.LINE_AA)
 
 
-def render_scene(rng, size, difficulty=DEFAULT_DIFFICULTY):
+def render_scene(rng, size, difficulty=DEFAULT_DIFFICULTY, shapes="large"):
     """One synthetic scene.
 
     Args:
         rng: ``numpy.random.Generator``.
         size: ``(height, width)`` in pixels.
         difficulty: float in [0, 1].
+        shapes: ``"large"`` (1-3 shapes of 0.16-0.3 of the short side at difficulty 0, up
+            to 7 at difficulty 1) or ``"small"`` (5-8 of 0.06-0.13, up to 12): many small
+            whole shapes teach a network from scratch fastest. See :data:`SHAPE_SIZES`.
 
     Returns:
         ``(image uint8 (H, W, 3) RGB, label uint8 (H, W))``; label values index
         :data:`DEMO_CLASSES`, 255 on the boundary bands.
     """
+    if shapes not in SHAPE_SIZES:
+        raise ValueError(f"shapes must be one of {SHAPE_SIZES}, got {shapes!r}")
     d = float(np.clip(difficulty, 0.0, 1.0))
     height, width = size
     grid = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -187,16 +214,16 @@ def render_scene(rng, size, difficulty=DEFAULT_DIFFICULTY):
     image = _paint(rng, grid[0], grid[1], background_colour, contrast=0.15 + 0.65 * d)
     label = np.zeros((height, width), np.uint8)
     _scribbles(rng, image, int(rng.integers(0, 1 + round(8 * d))), lambda: rng.uniform(0, 255, 3))
-    for _ in range(int(rng.integers(1 + round(2 * d), 4 + round(3 * d)))):
-        _add_shape(rng, image, label, grid, d, background_colour)
+    for _ in range(_shape_count(rng, d, shapes)):
+        _add_shape(rng, image, label, grid, d, background_colour, shapes)
     square = np.ones((3, 3), np.uint8)
     label[cv2.dilate(label, square) != cv2.erode(label, square)] = IGNORE_LABEL
     image += rng.standard_normal(image.shape, np.float32) * np.float32(3 + 12 * d)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), label
 
 
-def _write_example(folder, name, rng, size, difficulty, palette):
-    image, label = render_scene(rng, size, difficulty)
+def _write_example(folder, name, rng, size, scene, palette):
+    image, label = render_scene(rng, size, **scene)
     ok, jpeg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
     if not ok:
         raise RuntimeError(f"could not encode {name}.jpg")
@@ -207,7 +234,7 @@ def _write_example(folder, name, rng, size, difficulty, palette):
     png.save(os.path.join(folder, "SegmentationClass", f"{name}.png"))
 
 
-def _generate(folder, counts, size, seed, difficulty, workers):
+def _generate(folder, counts, size, seed, scene, workers):
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(folder, sub))
     palette = [value for colour in default_palette(256) for value in colour]
@@ -222,7 +249,7 @@ def _generate(folder, counts, size, seed, difficulty, workers):
     def write(job):
         name, key = job
         rng = np.random.default_rng(key)
-        _write_example(folder, name, rng, size, difficulty, palette)
+        _write_example(folder, name, rng, size, scene, palette)
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         list(pool.map(write, jobs))
@@ -235,6 +262,7 @@ def make_demo_dataset(
     size=320,
     seed=0,
     difficulty=DEFAULT_DIFFICULTY,
+    shapes="large",
     *,
     workers=None,
 ) -> str:
@@ -254,6 +282,7 @@ def make_demo_dataset(
         size: int or ``(height, width)`` of the images, pixels.
         seed: int.
         difficulty: float in [0, 1]; see the module docstring.
+        shapes: ``"large"`` or ``"small"``; see :func:`render_scene`.
         workers: threads to render with; defaults to the number of CPUs.
 
     Returns:
@@ -262,6 +291,8 @@ def make_demo_dataset(
     Raises:
         FileExistsError: ``root`` exists and is neither empty nor a demo dataset.
     """
+    if shapes not in SHAPE_SIZES:
+        raise ValueError(f"shapes must be one of {SHAPE_SIZES}, got {shapes!r}")
     root = os.path.abspath(os.fspath(root))
     height, width = (size, size) if isinstance(size, int) else (int(s) for s in size)
     info = {
@@ -271,6 +302,7 @@ def make_demo_dataset(
         "size": [height, width],
         "seed": int(seed),
         "difficulty": float(difficulty),
+        "shapes": shapes,
         "class_names": list(DEMO_CLASSES),
     }
     info_path = os.path.join(root, "demo.json")
@@ -285,7 +317,8 @@ def make_demo_dataset(
     staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     try:
         counts = {"train": int(num_train), "val": int(num_val)}
-        _generate(staging, counts, (height, width), int(seed), float(difficulty), workers)
+        scene = {"difficulty": float(difficulty), "shapes": shapes}
+        _generate(staging, counts, (height, width), int(seed), scene, workers)
         with open(os.path.join(staging, "demo.json"), "w") as file:
             json.dump(info, file, indent=1)
         if os.path.isdir(root):

@@ -2,6 +2,7 @@
 
 import os
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -121,3 +122,23 @@ def test_existing_folders(tmp_path):
     with pytest.raises(FileExistsError, match="mine"):
         make_demo_dataset(tmp_path / "mine", num_train=1, num_val=1, size=32)
     assert sorted(os.listdir(tmp_path)) == ["d", "mine"]  # no staging folder left behind
+
+
+def test_small_shapes_are_more_smaller_and_whole():
+    def stats(shapes):
+        labels = [
+            render_scene(np.random.default_rng(i), (160, 160), 0.0, shapes)[1] for i in range(12)
+        ]
+        regions = [
+            cv2.connectedComponents((lab % 255 > 0).astype(np.uint8))[0] - 1 for lab in labels
+        ]
+        edges = [np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]) for lab in labels]
+        cut = np.mean([(edge % 255 > 0).mean() for edge in edges])  # shape pixels on the frame
+        return np.mean(regions), cut
+
+    large_regions, large_cut = stats("large")
+    small_regions, small_cut = stats("small")
+    assert small_regions > 2 * large_regions  # more separate objects per scene
+    assert small_cut < large_cut / 4  # easy small scenes keep their shapes (nearly) whole
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        render_scene(np.random.default_rng(0), (32, 32), shapes="tiny")
