@@ -6,8 +6,8 @@ One run, on the CPU, with nothing to download:
 2. builds PSPNet-MobileNetV2 at 320x320 (the 320 row of the pyramid table: bins
    1, 2, 4, 8) with the auxiliary head;
 3. trains it with ``model.fit`` on the ``tf.data`` pipeline, CE + dice loss and the
-   paper's schedule (poly learning rate, SGD with momentum and coupled L2), with
-   checkpoints and resume (:func:`pspnet_tf.training.train`);
+   paper's poly learning rate schedule (with AdamW: from scratch it needs far fewer steps
+   than SGD), with checkpoints and resume (:func:`pspnet_tf.training.train`);
 4. evaluates the validation split single-scale and with sliding windows;
 5. draws overlays of validation images beside their ground truth, the training curves
    and the confusion matrix (PNG files);
@@ -29,23 +29,29 @@ import time
 
 import numpy as np
 
-# The demo's settings: dataset, model and training recipe (printed in the summary).
+# The demo's settings: dataset, model and training recipe (printed in the summary). Trained
+# from scratch (nothing to download), so AdamW with the poly schedule, not the paper's SGD for
+# fine-tuning ImageNet weights; mild scale augmentation only, since the generated scenes
+# already vary in size and rotation. Many small shapes per scene and difficulty 0.1 (a
+# partial colour cue, see pspnet_tf.demo_data) make 0.6 val mIoU reachable in 12 epochs on
+# 2 cores; with the generator's large shapes and no cue it stays near 0.3 after as many.
+_RECIPE = {
+    "backbone": "mobilenetv2", "alpha": 0.35, "crop_size": 320, "loss": "ce+dice",
+    "optimizer": "adamw", "learning_rate": 0.006, "scale_range": [0.8, 1.25],
+    "max_rotation": 0.0, "blur": False, "aux_head": True, "seed": 0,
+}  # fmt: skip
 SETTINGS = {
     "default": {
-        "dataset": {"num_train": 240, "num_val": 48, "size": 320, "seed": 0, "difficulty": 0.35},
-        "train": {
-            "backbone": "mobilenetv2", "alpha": 0.5, "crop_size": 320, "batch_size": 8,
-            "epochs": 12, "loss": "ce+dice", "learning_rate": 0.05, "warmup_steps": 30,
-            "aux_head": True, "seed": 0,
-        },
+        "dataset": {"num_train": 240, "num_val": 48, "size": 320, "seed": 0, "difficulty": 0.1,
+                    "shapes": "small"},
+        "train": {**_RECIPE, "batch_size": 8, "epochs": 12, "warmup_steps": 20},
         "sliding_crop": 224,
     },
     "quick": {
-        "dataset": {"num_train": 64, "num_val": 16, "size": 320, "seed": 0, "difficulty": 0.35},
+        "dataset": {"num_train": 64, "num_val": 16, "size": 320, "seed": 0, "difficulty": 0.0,
+                    "shapes": "small"},
         "train": {
-            "backbone": "mobilenetv2", "alpha": 0.35, "crop_size": 320, "batch_size": 8,
-            "epochs": 4, "loss": "ce+dice", "learning_rate": 0.05, "warmup_steps": 8,
-            "aux_head": True, "seed": 0,
+            **_RECIPE, "batch_size": 4, "epochs": 10, "warmup_steps": 8, "learning_rate": 0.01,
         },
         "sliding_crop": 224,
     },
@@ -59,7 +65,7 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
 
     Args:
         output: str. Folder for the dataset, the run, pictures and exports.
-        quick: bool. A smaller dataset, model and schedule (about 2 minutes).
+        quick: bool. A smaller dataset and schedule (about 3 minutes on 2 cores).
         verbose: int. 1 shows Keras progress bars, 0 only the summary lines.
 
     Returns:
@@ -67,7 +73,12 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     """
     from pspnet_tf import demo_data
     from pspnet_tf.data import load_dataset
-    from pspnet_tf.evaluation import evaluate, format_report, plot_confusion_matrix
+    from pspnet_tf.evaluation import (
+        evaluate,
+        format_report,
+        plot_confusion_matrix,
+        write_json_report,
+    )
     from pspnet_tf.training import train
 
     start = time.perf_counter()
@@ -92,6 +103,7 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
         _say(f"[4/7] evaluating the validation split ({mode})")
         reports[mode] = evaluate(model, val, num_classes, mode=mode, verbose=verbose, **options)
         print(format_report(reports[mode]))
+        write_json_report(reports[mode], paths[f"report_{mode}"])
     _say("[5/7] pictures")
     plot_confusion_matrix(reports["single"], paths["confusion"])
     _plot_overlays(model, val, paths["overlays"])
@@ -120,6 +132,8 @@ def _paths(output):
         "overlays": join(output, "overlays.png"), "curves": join(output, "curves.png"),
         "confusion": join(output, "confusion_matrix.png"),
         "saved_model": join(output, "saved_model"), "summary": join(output, "summary.json"),
+        "report_single": join(output, "report_single.json"),
+        "report_sliding": join(output, "report_sliding.json"),
     }  # fmt: skip
 
 
@@ -209,10 +223,10 @@ def _export_and_check(model, path, seed):
 
 
 def _write_json(path, data):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
+    from pspnet_tf.predict import atomic_path
+
+    with atomic_path(path) as temporary, open(temporary, "w") as file:
         json.dump(data, file, indent=2)
-    os.replace(temporary, path)
 
 
 def _print_summary(summary):
@@ -223,6 +237,7 @@ def _print_summary(summary):
         print(f"val mIoU ({mode}): {value:.3f}")
     print(f"majority-class mIoU: {summary['majority_class_miou']:.3f}")
     print(f"SavedModel labels agree with Keras on {summary['saved_model_label_agreement']:.2%}")
-    for name in ("data", "run", "model", "overlays", "curves", "confusion", "saved_model"):
+    names = ("data", "run", "model", "report_single", "report_sliding", "overlays", "curves")
+    for name in (*names, "confusion", "saved_model"):
         print(f"{name:>12}: {summary['paths'][name]}")
     print(f"{'summary':>12}: {summary['paths']['summary']}")

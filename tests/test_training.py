@@ -168,3 +168,10 @@ def test_example_configs_are_valid(name):
             16,
         )
         assert config["crop_size"] == {"cityscapes": 713}.get(name, 473)
+
+
+def test_demo_config_is_what_the_demo_trains_with():
+    from pspnet_tf.demo import SETTINGS
+
+    config = load_config(os.path.join(REPO, "examples", "configs", "demo.yaml"))
+    assert {k: config[k] for k in SETTINGS["default"]["train"]} == SETTINGS["default"]["train"]
