@@ -75,6 +75,7 @@ def build_case(kind, backbone, batch, size, precision="fp32"):
     import tensorflow as tf
 
     from pspnet_tf import build_pspnet
+    from pspnet_tf.optimize import optimize_for_inference
 
     if precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -82,8 +83,9 @@ def build_case(kind, backbone, batch, size, precision="fp32"):
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)), tf.float32)
     model = build_pspnet(NUM_CLASSES, backbone, (size, size, 3), aux_head=kind == "train")
     flops = conv_flops(model)
-    if kind == "infer":
-        forward = tf.function(lambda x: model(x, training=False))
+    if kind == "infer":  # the graph predict, evaluate and export run (BatchNorm folded, ...)
+        fast = optimize_for_inference(model)
+        forward = tf.function(lambda x: fast(x, training=False))
         return model, (lambda: forward(images).numpy()), flops
     labels = tf.constant(rng.integers(0, NUM_CLASSES, (batch, size, size)), tf.int32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255)

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from pspnet_tf.inference import as_predictor
 from pspnet_tf.model import get_metadata, inference_model, rebuild
+from pspnet_tf.optimize import optimize_for_inference
 from pspnet_tf.predict import atomic_path
 
 SIGNATURE = "serving_default"
@@ -125,7 +126,9 @@ def export_saved_model(model, path):
         ``path``. Load with ``tf.saved_model.load(path)`` and call
         ``loaded.serving_default(images)`` or ``loaded.signatures["serving_default"]``.
     """
-    serving = serving_model(model)
+    # BatchNorm folded (portable: plain ops); native dilated depthwise convs only run with
+    # oneDNN, so the exported graph keeps TF's portable form of them.
+    serving = optimize_for_inference(serving_model(model), native_dilation=False)
     with atomic_path(path) as temporary:
         _write_archive(serving, temporary, (None, None, None, 3), True, _metadata_json(serving))
     return os.fspath(path)

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf.model import PREPROCESSING_LAYER, get_metadata, inference_model, rebuild
+from pspnet_tf.optimize import optimize_for_inference
 
 MODES = ("single", "sliding", "multiscale")
 # Multi-scale testing of the paper and its reference code.
@@ -54,6 +55,9 @@ class Predictor:
         crop_size: ``(h, w)`` the model was built (trained) for, or None.
         class_names: list of str or None, from the model's metadata.
         palette: list of ``[r, g, b]`` or None, from the model's metadata.
+        fast: bool. Run a copy with BatchNorm folded into the convs and native
+            dilated depthwise convs (:func:`pspnet_tf.optimize.optimize_for_inference`;
+            same outputs to float32 rounding). Defaults to True.
     """
 
     model: keras.Model
@@ -63,20 +67,24 @@ class Predictor:
     crop_size: tuple | None = None
     class_names: list | None = None
     palette: list | None = None
+    fast: bool = True
     _fn: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, images):
         if self._fn is None:
             shape = (None, *(self.input_size or (None, None)), 3)
+            model = optimize_for_inference(self.model) if self.fast else self.model
             self._fn = tf.function(
-                lambda x: self.model(x, training=False),
+                lambda x: model(x, training=False),
                 input_signature=[tf.TensorSpec(shape, tf.float32)],
             )
         return self._fn(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
-def as_predictor(model):
+def as_predictor(model, fast=True):
     """Wraps a Keras segmentation model as a :class:`Predictor` (idempotent).
+
+    ``fast``: see :class:`Predictor` (False runs the model's own graph).
 
     A PSPNet built for a fixed size is rebuilt for any size with the same bins
     and weights (:func:`pspnet_tf.rebuild`), and its auxiliary head dropped;
@@ -104,6 +112,7 @@ def as_predictor(model):
         crop_size=static if is_static else None,
         class_names=metadata.get("class_names"),
         palette=metadata.get("palette"),
+        fast=fast,
     )
 
 

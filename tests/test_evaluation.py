@@ -216,7 +216,7 @@ def test_pspnet_is_rebuilt_for_any_size_and_modes_agree():
     model = randomize_weights(
         build_pspnet(3, "mobilenetv2", (64, 64, 3), alpha=0.35, aux_head=True)
     )
-    predictor = as_predictor(model)
+    predictor = as_predictor(model, fast=False)
     assert predictor.crop_size == (64, 64) and predictor.input_size is None
     np.testing.assert_array_equal(predictor.pad_value, [127.5, 127.5, 127.5])
     image = np.random.default_rng(0).uniform(0, 255, (50, 70, 3)).astype("float32")
@@ -224,6 +224,9 @@ def test_pspnet_is_rebuilt_for_any_size_and_modes_agree():
     # The same network built statically for this exact size (an independent graph).
     static = rebuild(model, input_shape=(50, 70, 3), aux_head=False)
     np.testing.assert_allclose(single, static(image[None], training=False)[0], atol=1e-4)
+    # The default (BatchNorm folded, native dilation) equals it to float32 rounding.
+    fast = predict_scores(as_predictor(model), image, "single")
+    assert np.abs(fast - single).max() < 1e-4 * np.abs(single).max()
     # One window covering the whole image is the single-scale pass.
     sliding = predict_scores(predictor, image, "sliding", crop_size=(50, 70))
     np.testing.assert_allclose(sliding, single, atol=1e-5)
