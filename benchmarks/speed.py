@@ -30,7 +30,10 @@ def torch_case(keras_model, kind, backbone, batch, size, precision, threads):
     import torch_pspnet
 
     torch.set_num_threads(threads)
-    model = torch_pspnet.PSPNet(bench.NUM_CLASSES, backbone, aux_head=kind == "train")
+    from pspnet_tf import get_metadata
+
+    bins = tuple(get_metadata(keras_model)["architecture"]["bins"])  # 1,2,4,8 at 320 and 512
+    model = torch_pspnet.PSPNet(bench.NUM_CLASSES, backbone, aux_head=kind == "train", bins=bins)
     torch_pspnet.load_from_keras(model, keras_model)
     x = torch.rand(batch, 3, size, size) * 255
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
