@@ -39,6 +39,12 @@ def onednn_enabled():
     return x86 and not switched_off and not tf.config.list_physical_devices("GPU")
 
 
+def _pad_same(inputs, kernel_size, dilation_rate):
+    """Zero-pads NHWC ``inputs`` so that a stride-1 VALID conv gives Keras' "same" output."""
+    pads = [d * (k - 1) for k, d in zip(kernel_size, dilation_rate, strict=True)]
+    return tf.pad(inputs, [[0, 0], *([p // 2, p - p // 2] for p in pads), [0, 0]])
+
+
 @keras.saving.register_keras_serializable(package="pspnet_tf")
 class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """``DepthwiseConv2D`` (stride 1, dilation > 1) run as one native dilated op at inference.
@@ -53,11 +59,8 @@ class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             return super().call(inputs)
         if not onednn_enabled():
             return super().call(inputs)
-        kh, kw = self.kernel_size
         if self.padding == "same":
-            pad_h, pad_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-            paddings = [[0, 0], [pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2]]
-            inputs = tf.pad(inputs, [*paddings, [0, 0]])
+            inputs = _pad_same(inputs, self.kernel_size, dilation)
         outputs = tf.raw_ops.DepthwiseConv2dNative(
             input=inputs,
             filter=tf.cast(self.kernel, inputs.dtype),
@@ -100,11 +103,7 @@ class MatmulConv2D(keras.layers.Conv2D):
         kh, kw = self.kernel_size
         dh, dw = self.dilation_rate
         height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
-        pad_h, pad_w = dh * (kh - 1), dw * (kw - 1)
-        padded = tf.pad(
-            inputs,
-            [[0, 0], [pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]],
-        )
+        padded = _pad_same(inputs, self.kernel_size, self.dilation_rate)
         kernel = tf.cast(self.kernel, inputs.dtype)
         outputs = None
         for i in range(kh):
