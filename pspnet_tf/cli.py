@@ -68,6 +68,14 @@ def _load_model(path):
     return keras.models.load_model(path, compile=False)
 
 
+def _precision_argument(parser):
+    parser.add_argument(
+        "--precision", choices=["float32", "bfloat16", "float16", "mixed"],
+        help="compute dtype (weights and outputs stay float32); default: the model's own. "
+        "bfloat16 is ~2x faster on CPUs with bf16 instructions; mixed: bf16 on CPU, fp16 on GPU",
+    )  # fmt: skip
+
+
 def _evaluate(args):
     from pspnet_tf.data import load_dataset
     from pspnet_tf.evaluation import (
@@ -79,7 +87,7 @@ def _evaluate(args):
     )
     from pspnet_tf.inference import as_predictor
 
-    predictor = as_predictor(_load_model(args.model))
+    predictor = as_predictor(_load_model(args.model), precision=args.precision)
     num_classes = args.num_classes or predictor.num_classes
     base_size = args.base_size or BASE_SIZES.get(args.layout)
     if args.mode == "multiscale" and not base_size:
@@ -130,7 +138,7 @@ def _predict(args):
     from pspnet_tf.inference import as_predictor
     from pspnet_tf.predict import predict_path
 
-    predictor = as_predictor(_load_model(args.model))
+    predictor = as_predictor(_load_model(args.model), precision=args.precision)
     written = predict_path(
         predictor,
         args.input,
@@ -152,8 +160,10 @@ def _export(args):
     from pspnet_tf import export
 
     model = _load_model(args.model)
+    if args.precision and args.format != "saved_model":
+        raise SystemExit("error: --precision applies to --format saved_model only")
     if args.format == "saved_model":
-        path = export.export_saved_model(model, args.output)
+        path = export.export_saved_model(model, args.output, precision=args.precision)
     elif args.format == "tflite":
         if not args.input_size:
             raise SystemExit("error: --format tflite needs --input-size H [W]")
@@ -285,6 +295,7 @@ def build_parser():
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--confusion-png", help="draw the confusion matrix into this PNG")
+    _precision_argument(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="label PNGs, coloured masks and overlays of images/video")
@@ -302,6 +313,7 @@ def build_parser():
     p.add_argument("--mode", default="single", choices=["single", "sliding", "multiscale"])
     p.add_argument("--crop-size", type=int, nargs="+", help="sliding window H [W]")
     p.add_argument("--base-size", type=int, help="multiscale long side at scale 1")
+    _precision_argument(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("export", help="SavedModel (any size), TFLite (fixed size) or ONNX")
@@ -310,6 +322,7 @@ def build_parser():
     p.add_argument("--format", default="saved_model", choices=["saved_model", "tflite", "onnx"])
     p.add_argument("--input-size", type=int, nargs="+", help="TFLite input H [W]")
     p.add_argument("--quantize", choices=["dynamic"], help="TFLite dynamic-range quantisation")
+    _precision_argument(p)
     p.set_defaults(func=_export)
 
     # Defaults live in pspnet_tf.training.DEFAULTS; unset flags leave the config file's value.

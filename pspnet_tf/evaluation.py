@@ -50,6 +50,7 @@ def evaluate(
     ignore_label=classes.IGNORE_LABEL,
     max_images=None,
     verbose=1,
+    precision=None,
 ):
     """Evaluates a segmentation model on a dataset: mIoU, accuracies, confusion matrix.
 
@@ -66,6 +67,8 @@ def evaluate(
         ignore_label: int. Label value left out of the scores. Defaults to 255.
         max_images: int or None. Stop after this many images.
         verbose: int. 1 shows a Keras progress bar, 0 is silent.
+        precision: None (the model's own), ``"float32"``, ``"bfloat16"``, ``"float16"``
+            or ``"mixed"``: the compute dtype, see :class:`pspnet_tf.inference.Predictor`.
 
     Returns:
         dict with ``miou``, ``pixel_accuracy``, ``mean_class_accuracy`` (floats
@@ -74,12 +77,13 @@ def evaluate(
         ``confusion_matrix`` (rows: truth, columns: prediction), ``num_images``,
         ``mode`` and the ``settings`` used.
     """
-    predictor = as_predictor(model)
+    predictor = as_predictor(model, precision=precision)
     num_classes = int(num_classes or predictor.num_classes)
     if num_classes != predictor.num_classes:
         raise ValueError(f"num_classes={num_classes} but the model has {predictor.num_classes}")
     names = resolve_class_names(num_classes, class_names, predictor)
-    settings = {"crop_size": crop_size, "stride": stride, "base_size": base_size}
+    settings = {"crop_size": crop_size, "stride": stride, "base_size": base_size,
+                "precision": predictor.precision}  # fmt: skip
     if mode == "multiscale":
         settings.update(scales=list(scales), flip=bool(flip))
     confusion = np.zeros((num_classes, num_classes), np.int64)

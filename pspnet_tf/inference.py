@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf.model import PREPROCESSING_LAYER, get_metadata, inference_model, rebuild
-from pspnet_tf.optimize import optimize_for_inference
+from pspnet_tf.optimize import optimize_for_inference, resolve_precision
 
 MODES = ("single", "sliding", "multiscale")
 # Multi-scale testing of the paper and its reference code.
@@ -58,6 +58,11 @@ class Predictor:
         fast: bool. Run a copy with BatchNorm folded into the convs and native
             dilated depthwise convs (:func:`pspnet_tf.optimize.optimize_for_inference`;
             same outputs to float32 rounding). Defaults to True.
+        precision: None (the model's own dtype policies), ``"float32"``,
+            ``"bfloat16"``, ``"float16"`` or ``"mixed"`` (bfloat16 on CPUs, float16 on
+            GPUs): the compute dtype of the copy that runs
+            (:data:`pspnet_tf.optimize.PRECISIONS`). Weights, input normalisation and
+            logits stay float32.
     """
 
     model: keras.Model
@@ -68,12 +73,13 @@ class Predictor:
     class_names: list | None = None
     palette: list | None = None
     fast: bool = True
+    precision: str | None = None
     _fn: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, images):
         if self._fn is None:
             shape = (None, *(self.input_size or (None, None)), 3)
-            model = optimize_for_inference(self.model) if self.fast else self.model
+            model = optimize_for_inference(self.model, precision=self.precision, fold=self.fast)
             self._fn = tf.function(
                 lambda x: model(x, training=False),
                 input_signature=[tf.TensorSpec(shape, tf.float32)],
@@ -81,10 +87,12 @@ class Predictor:
         return self._fn(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
-def as_predictor(model, fast=True):
+def as_predictor(model, fast=True, precision=None):
     """Wraps a Keras segmentation model as a :class:`Predictor` (idempotent).
 
-    ``fast``: see :class:`Predictor` (False runs the model's own graph).
+    ``fast``, ``precision``: see :class:`Predictor` (``fast=False`` runs the model's own
+    graph). A :class:`Predictor` passed in comes back as it is, or as a copy with
+    ``precision`` if one is given that differs from its own.
 
     A PSPNet built for a fixed size is rebuilt for any size with the same bins
     and weights (:func:`pspnet_tf.rebuild`), and its auxiliary head dropped;
@@ -92,8 +100,11 @@ def as_predictor(model, fast=True):
     mapping ``(batch, h, w, 3)`` RGB 0-255 images to ``(batch, h, w, C)``
     logits (or a dict with ``"main"``) works as it is.
     """
+    resolve_precision(precision)  # a bad value fails here, not at the first image
     if isinstance(model, Predictor):
-        return model
+        if precision is None or precision == model.precision:
+            return model
+        return dataclasses.replace(model, precision=precision)
     if isinstance(model.output, dict):
         model = inference_model(model)
     try:
@@ -113,6 +124,7 @@ def as_predictor(model, fast=True):
         class_names=metadata.get("class_names"),
         palette=metadata.get("palette"),
         fast=fast,
+        precision=precision,
     )
 
 

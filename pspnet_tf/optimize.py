@@ -17,6 +17,9 @@
   float32 rounding (tests check 1e-4 relative). Prediction and evaluation
   (:class:`pspnet_tf.inference.Predictor`) use it by default, and SavedModel export folds
   BatchNorm (keeping TF's portable dilated depthwise form, which every TF build runs).
+- ``precision``: optionally the copy computes in bfloat16 (CPUs) or float16 (GPUs) with
+  float32 weights, input normalisation and logits (Keras' mixed policies): about twice as
+  fast on CPUs with bf16 instructions, labels nearly always the same (see the README).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ import numpy as np
 import tensorflow as tf
 
 _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
+# Inference precisions: None keeps each layer's own dtype policy; "mixed" is bfloat16 on
+# CPUs and float16 on GPUs, as the training option of the same name.
+PRECISIONS = (None, "float32", "bfloat16", "float16", "mixed")
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def onednn_enabled():
@@ -37,6 +44,38 @@ def onednn_enabled():
     switched_off = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").lower() in ("0", "false")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return x86 and not switched_off and not tf.config.list_physical_devices("GPU")
+
+
+def resolve_precision(precision):
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` or None for a ``precision`` argument.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "mixed":
+        return "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
+    return precision
+
+
+def _float32_layers(model):
+    """Names of the layers that stay float32 at any precision: inputs, the input
+    normalisation (raw pixels must not be rounded) and the layers giving the outputs."""
+    from pspnet_tf.layers import Preprocessing
+
+    config = model.get_config()
+    ends = [config["input_layers"], config["output_layers"]]
+
+    def names(value):  # a (nested) list or dict of [layer name, node index, tensor index]
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in names(v)]
+        if value and isinstance(value[0], str):
+            return [value[0]]
+        return [n for v in value for n in names(v)]
+
+    keep = {layer.name for layer in model.layers if isinstance(layer, Preprocessing)}
+    return keep | set(names(ends))
 
 
 def _pad_same(inputs, kernel_size, dilation_rate):
@@ -85,45 +124,121 @@ class FoldedBatchNorm(keras.layers.Layer):
 
 
 # Input channels from which a 3x3 conv runs faster as shifted matmuls than as oneDNN's conv:
-# 4096 -> 512 at 60x60 (ResNet PSPNet's bottleneck) took 1110 ms as a conv, 727 ms as taps;
-# at 1024 channels and below the conv was as fast or faster (benchmarks/NOTES.md).
+# 4096 -> 512 at 60x60 (ResNet PSPNet's bottleneck) took 1110 ms as a conv, 727 ms as taps,
+# and forward + backward at batch 2 6.4 s against 4.5 s; at 1024 channels and below the conv
+# was as fast or faster (benchmarks/NOTES.md).
 MATMUL_CONV_MIN_CHANNELS = 2048
+
+
+def tap_conv2d(inputs, kernel, dilation=1):
+    """Stride-1 "same" 2-D convolution (odd kernel) as one matmul per kernel tap.
+
+    The zero-padded input is flattened to ``(pixels, channels)``; the input of every tap
+    is then a contiguous row range of it (no copy), and each output pixel of the padded
+    grid is the sum of ``rows @ kernel[i, j]`` over the taps. Outputs on the padding ring
+    (and the rows between images) are computed and cropped: 7% more work at 60x60.
+
+    The gradient is written out: the kernel's from the same row ranges (one matmul per
+    tap), the input's by oneDNN's convolution input gradient, which runs near matmul speed
+    here (its output has the wide side). Autodiff of the forward would instead build nine
+    zero-padded copies of the wide input.
+
+    Args:
+        inputs: ``(N, H, W, C)`` tensor.
+        kernel: ``(kh, kw, C, F)`` tensor of the same dtype, kh and kw odd.
+        dilation: int.
+
+    Returns:
+        ``(N, H, W, F)`` tensor.
+    """
+    kh, kw, channels, filters = kernel.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"tap_conv2d needs an odd kernel size, got {(kh, kw)}")
+    ph, pw = dilation * (kh // 2), dilation * (kw // 2)
+
+    @tf.custom_gradient
+    def conv(inputs, kernel):
+        n, h, w = tf.shape(inputs)[0], tf.shape(inputs)[1], tf.shape(inputs)[2]
+        padded_width = w + 2 * pw
+        padded = tf.pad(inputs, [[0, 0], [ph, ph], [pw, pw], [0, 0]])
+        rows = tf.reshape(padded, [-1, channels])
+        centre = ph * padded_width + pw  # row of the first output pixel's centre tap
+        length = tf.shape(rows)[0] - 2 * centre
+        taps = [
+            (i, j, i * dilation * padded_width + j * dilation) for i in range(kh) for j in range(kw)
+        ]
+        outputs = None
+        for i, j, start in taps:
+            tap = tf.matmul(rows[start : start + length], kernel[i, j])
+            outputs = tap if outputs is None else outputs + tap
+        grid = tf.pad(outputs, [[centre, centre], [0, 0]])
+        grid = tf.reshape(grid, [n, h + 2 * ph, padded_width, filters])
+
+        def gradient(upstream):
+            grid = tf.pad(upstream, [[0, 0], [ph, ph], [pw, pw], [0, 0]])
+            grid = tf.reshape(grid, [-1, filters])[centre : centre + length]
+            kernel_grad = {
+                (i, j): tf.matmul(rows[start : start + length], grid, transpose_a=True)
+                for i, j, start in taps
+            }
+            kernel_grad = tf.stack(
+                [tf.stack([kernel_grad[i, j] for j in range(kw)]) for i in range(kh)]
+            )
+            input_grad = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(inputs),
+                filter=kernel,
+                out_backprop=upstream,
+                strides=[1, 1, 1, 1],
+                padding="SAME",
+                dilations=[1, dilation, dilation, 1],
+            )
+            return input_grad, kernel_grad
+
+        return grid[:, ph : ph + h, pw : pw + w, :], gradient
+
+    return conv(inputs, kernel)
 
 
 @keras.saving.register_keras_serializable(package="pspnet_tf")
 class MatmulConv2D(keras.layers.Conv2D):
-    """A stride-1 "same" ``Conv2D`` computed as one matmul per kernel tap, summed.
+    """A ``Conv2D`` that runs as one matmul per kernel tap on CPUs with oneDNN.
 
-    Same arguments, weights and outputs as ``keras.layers.Conv2D``. For very wide inputs
-    (the PSP bottleneck's 4096 channels) TF's oneDNN convolution runs far below the
-    machine's matmul speed, while each tap is a plain ``(pixels, in) x (in, out)`` matmul.
+    Same arguments, weights and outputs as ``keras.layers.Conv2D`` (and the same
+    gradients). For very wide inputs (the PSP bottleneck's 4096 channels) TF's oneDNN
+    convolution runs far below the machine's matmul speed, forward and backward, while
+    each tap is a plain ``(pixels, in) x (in, out)`` matmul (:func:`tap_conv2d`). Other
+    settings (stride, even kernels, "valid" padding, groups, channels first) and machines
+    without oneDNN (GPUs, ``TF_ENABLE_ONEDNN_OPTS=0``) run Keras' convolution.
     """
 
     def call(self, inputs):
-        kh, kw = self.kernel_size
-        dh, dw = self.dilation_rate
-        height, width = tf.shape(inputs)[1], tf.shape(inputs)[2]
-        padded = _pad_same(inputs, self.kernel_size, self.dilation_rate)
-        kernel = tf.cast(self.kernel, inputs.dtype)
-        outputs = None
-        for i in range(kh):
-            for j in range(kw):
-                window = padded[:, i * dh : i * dh + height, j * dw : j * dw + width, :]
-                tap = tf.einsum("nhwc,cf->nhwf", window, kernel[i, j])
-                outputs = tap if outputs is None else outputs + tap
+        if not (_tap_conv_applies(self) and onednn_enabled()):
+            return super().call(inputs)
+        outputs = tap_conv2d(inputs, tf.cast(self.kernel, inputs.dtype), self.dilation_rate[0])
         if self.use_bias:
             outputs = outputs + tf.cast(self.bias, outputs.dtype)
         return self.activation(outputs) if self.activation is not None else outputs
+
+
+def _tap_conv_applies(layer):
+    """Whether :func:`tap_conv2d` computes this Conv2D's settings."""
+    kh, kw = layer.kernel_size
+    return (
+        tuple(layer.strides) == (1, 1)
+        and layer.padding == "same"
+        and layer.groups == 1
+        and layer.data_format == "channels_last"
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and len(set(layer.dilation_rate)) == 1
+    )
 
 
 def _as_matmul_conv(layer):
     """Whether ``layer`` is a Conv2D that :class:`MatmulConv2D` runs faster."""
     return (
         type(layer) is keras.layers.Conv2D
-        and tuple(layer.strides) == (1, 1)
-        and layer.padding == "same"
-        and layer.groups == 1
-        and layer.data_format == "channels_last"
+        and _tap_conv_applies(layer)
         and layer.input.shape[-1] >= MATMUL_CONV_MIN_CHANNELS
         and max(layer.kernel_size) > 1
     )
@@ -178,7 +293,7 @@ def _folded_weights(conv, bn):
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def fold_batch_norm(model, native_dilation=True):
+def fold_batch_norm(model, native_dilation=True, precision=None, fold=True):
     """A copy of ``model`` for inference with BatchNorm folded into the convs before it.
 
     Args:
@@ -186,18 +301,29 @@ def fold_batch_norm(model, native_dilation=True):
         native_dilation: bool. Also turn dilated depthwise convs into
             :class:`DilatedDepthwiseConv2D`. Defaults to True. Wide 3x3 convs become
             :class:`MatmulConv2D` either way.
+        precision: one of :data:`PRECISIONS`. The copy's compute dtype (weights stay
+            float32; so do the input normalisation and the output layers). None keeps
+            every layer's own policy.
+        fold: bool. False copies the graph as it is (only ``precision`` applies).
 
     Returns:
         A new ``keras.Model`` with the same inputs, outputs and layer names, for
         inference only (folded BatchNorms cannot train).
     """
-    pairs = _fold_pairs(model)
+    precision = resolve_precision(precision)
+    pairs = _fold_pairs(model) if fold else {}
     folded = {bn.name for bn in pairs.values()}
+    keep_float32 = _float32_layers(model) if precision else set()
 
     def clone(layer):
         config = layer.get_config()
+        if precision and layer.name not in keep_float32:
+            config["dtype"] = _POLICIES[precision]
+        if not fold:
+            return layer.__class__.from_config(config)
         if layer.name in folded:
-            return FoldedBatchNorm(name=layer.name)
+            policy = config["dtype"] if precision else layer.dtype_policy.name
+            return FoldedBatchNorm(name=layer.name, dtype=policy)
         if layer.name in pairs:
             config["use_bias"] = True
         if native_dilation and type(layer) is keras.layers.DepthwiseConv2D:
@@ -216,20 +342,33 @@ def fold_batch_norm(model, native_dilation=True):
     return new
 
 
-def optimize_for_inference(model, native_dilation=None):
+def optimize_for_inference(model, native_dilation=None, precision=None, fold=True):
     """:func:`fold_batch_norm` where it applies; other models come back unchanged.
 
     Args:
         model: a Keras model.
         native_dilation: bool or None. See :func:`fold_batch_norm`; None: where oneDNN
             runs them (:func:`onednn_enabled`).
+        precision: one of :data:`PRECISIONS`; see :func:`fold_batch_norm`.
+        fold: bool. False: no graph changes, only ``precision``.
 
     Returns:
         The optimised copy of a functional model, else ``model`` itself.
+
+    Raises:
+        ValueError: an unknown ``precision``, or a reduced one for a model that is
+            not functional (its layers cannot be copied with another policy).
     """
     if native_dilation is None:
         native_dilation = onednn_enabled()
+    if not fold and resolve_precision(precision) is None:
+        return model
     try:
-        return fold_batch_norm(model, native_dilation=native_dilation)
+        return fold_batch_norm(model, native_dilation, precision, fold)
     except ValueError:  # clone_model takes only functional and Sequential models
+        if resolve_precision(precision) not in (None, "float32"):
+            raise ValueError(
+                f"precision={precision!r} needs a functional Keras model; "
+                f"{type(model).__name__} {model.name!r} is not one"
+            ) from None
         return model

@@ -288,6 +288,7 @@ def predict_files(
     palette=None,
     mode="single",
     verbose=1,
+    precision=None,
     **options,
 ):
     """Predicts image files and writes their outputs, with a Keras progress bar.
@@ -307,6 +308,8 @@ def predict_files(
         palette: colours, dataset name or None (the model's own, else VOC-style).
         mode: evaluation mode, see :func:`predict_image`; ``**options`` its settings.
         verbose: int. 1 shows a progress bar.
+        precision: None, ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"mixed"``:
+            the compute dtype, see :class:`pspnet_tf.inference.Predictor`.
 
     Returns:
         list of the files written.
@@ -314,7 +317,7 @@ def predict_files(
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
-    predictor = as_predictor(model)
+    predictor = as_predictor(model, precision=precision)
     palette, names = _visuals(predictor, class_names, palette)
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) < len(stems):  # a.jpg and a.png: keep the extension in the name
@@ -347,6 +350,7 @@ def predict_video(
     palette=None,
     mode="single",
     verbose=1,
+    precision=None,
     **options,
 ):
     """Predicts every frame of a video and writes the results back as videos.
@@ -363,7 +367,7 @@ def predict_video(
     capture = cv2.VideoCapture(path)
     if not capture.isOpened():
         raise ValueError(f"video {path!r}: OpenCV cannot open it")
-    predictor = as_predictor(model)
+    predictor = as_predictor(model, precision=precision)
     palette, names = _visuals(predictor, class_names, palette)
     stem = os.path.splitext(os.path.basename(path))[0]
     extension, codec = (".avi", "MJPG") if path.lower().endswith(".avi") else (".mp4", "mp4v")

@@ -9,6 +9,29 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def randomize_batch_norm(model, seed=0):
+    """Keras' initial weights with random BatchNorm statistics, scale and shift.
+
+    Unlike :func:`randomize_weights`, the outputs are not chaotic in the weights (fully
+    random deep networks amplify rounding tenfold): the model to compare precisions with.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.moving_mean.shape
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, shape),
+                    rng.normal(0, 0.1, shape),
+                    rng.normal(0, 0.1, shape),
+                    rng.uniform(0.5, 1.5, shape),
+                ]
+            )
+    return model
+
+
 def randomize_weights(model, seed=0):
     """Gives every weight of ``model`` a random, well-scaled value.
 

@@ -271,7 +271,8 @@ def test_reports_table_json_and_confusion_png(pixelwise_model, tmp_path):
         evaluate(pixelwise_model(KERNEL, BIAS), [(image, labels)], class_names=["a", "b"])
 
 
-def test_cli_evaluate_writes_the_same_report(pixelwise_model, tmp_path, rng, capsys):
+@pytest.mark.parametrize("precision", [None, "bfloat16"])
+def test_cli_evaluate_writes_the_same_report(pixelwise_model, tmp_path, rng, capsys, precision):
     images, labels = _dataset(rng, [(24, 30), (40, 36)])
     lines = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
@@ -284,10 +285,13 @@ def test_cli_evaluate_writes_the_same_report(pixelwise_model, tmp_path, rng, cap
     code = cli_main(
         ["evaluate", "--model", str(tmp_path / "model.keras"), "--data", str(tmp_path),
          "--layout", "list", "--mode", "sliding", "--crop-size", "32",
-         "--json", str(tmp_path / "r.json"), "--confusion-png", str(tmp_path / "c.png")]
+         "--json", str(tmp_path / "r.json"), "--confusion-png", str(tmp_path / "c.png"),
+         *(["--precision", precision] if precision else [])]
     )  # fmt: skip
     assert code == 0
     saved = json.loads((tmp_path / "r.json").read_text())
+    # The classifier gives the model's output, which stays float32 at any precision.
+    assert saved["settings"]["precision"] == precision
     rounded = [image.round() for image in images]
     miou, _ = numpy_miou(labels, [numpy_logits(x).argmax(-1) for x in rounded], 3)
     assert saved["miou"] == pytest.approx(miou, rel=1e-12)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import randomize_weights
+from conftest import randomize_batch_norm, randomize_weights
 
 from pspnet_tf import build_pspnet, rebuild
 from pspnet_tf.cli import main as cli_main
@@ -78,6 +78,30 @@ def test_saved_model_signature_and_metadata(saved_model):
     metadata = json.loads(loaded.metadata()["json"].numpy())
     assert metadata["class_names"] == ["a", "b", "c", "d"]
     assert metadata["architecture"]["aux_head"] is False
+
+
+def test_saved_model_in_bfloat16(images, tmp_path):
+    model = build_pspnet(4, "mobilenetv2", (64, 64, 3), alpha=0.35, aux_head=True)
+    model = randomize_batch_norm(model, seed=5)
+    path = export_saved_model(model, tmp_path / "bf16", precision="bfloat16")
+    loaded = tf.saved_model.load(path)
+    assert json.loads(loaded.metadata()["json"].numpy())["precision"] == "bfloat16"
+    reference = as_predictor(model, precision="float32")
+    for image in images:
+        out = loaded.serving_default(tf.constant(image[None]))
+        assert out["probabilities"].dtype == tf.float32
+        probabilities = tf.nn.softmax(reference(image[None].astype("float32"))[0]).numpy()
+        difference = np.abs(out["probabilities"][0].numpy() - probabilities).max()
+        assert 1e-4 < difference < 0.05  # computed in bfloat16: close to float32, not equal
+        agreement = np.mean(out["labels"][0].numpy() == probabilities.argmax(-1))
+        assert agreement > 0.97
+
+
+def test_cli_precision_is_for_saved_models_only(pixelwise_model, tmp_path):
+    pixelwise_model(np.eye(3), np.zeros(3)).save(tmp_path / "m.keras")
+    args = ["export", "--model", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite")]
+    with pytest.raises(SystemExit, match="--precision applies to --format saved_model only"):
+        cli_main([*args, "--format", "tflite", "--input-size", "8", "--precision", "bfloat16"])
 
 
 BAD_INPUTS = {

@@ -3,16 +3,20 @@
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_weights
+import tensorflow as tf
+from conftest import randomize_batch_norm, randomize_weights
 
 from pspnet_tf import build_pspnet, rebuild
+from pspnet_tf.inference import as_predictor
 from pspnet_tf.optimize import (
     DilatedDepthwiseConv2D,
     FoldedBatchNorm,
     MatmulConv2D,
     fold_batch_norm,
     onednn_enabled,
+    optimize_for_inference,
 )
+from pspnet_tf.training import dtype_policy
 
 
 def _numpy_dilated_depthwise(x, kernel, dilation, padding):
@@ -71,6 +75,39 @@ def test_matmul_conv_equals_a_direct_computation(rng, dilation, size):
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "dilation, kernel_size, size", [(1, 3, (7, 9)), (2, 3, (8, 5)), (1, 5, (6, 6))]
+)
+def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size):
+    """Its written-out gradient (kernel from the tap rows, input as the transposed conv)
+    against TF's own convolution gradients, for inputs, kernel and bias."""
+    x = tf.constant(rng.normal(size=(2, *size, 6)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, *size, 4)).astype("float32"))
+    kernel = rng.normal(size=(kernel_size, kernel_size, 6, 4)).astype("float32")
+    bias = rng.normal(size=(4,)).astype("float32")
+    results = []
+    for cls in (keras.layers.Conv2D, MatmulConv2D):
+        layer = cls(4, kernel_size, padding="same", dilation_rate=dilation)
+        layer.build(x.shape)
+        layer.set_weights([kernel, bias])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) * upstream)
+        results.append(tape.gradient(loss, [x, layer.kernel, layer.bias]))
+    for ours, keras_grad in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_conv_without_onednn_is_keras_conv(rng, monkeypatch):
+    layer = MatmulConv2D(3, 3, padding="same")
+    x = rng.normal(size=(1, 5, 6, 4)).astype("float32")
+    expected = layer(x).numpy()  # taps where oneDNN runs (x86 CI), Keras' conv elsewhere
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    reference = keras.layers.Conv2D.call(layer, tf.constant(x)).numpy()
+    np.testing.assert_allclose(layer(x).numpy(), reference, rtol=1e-6)
+    np.testing.assert_allclose(expected, reference, rtol=1e-5, atol=1e-5)
+
+
 def _relative_error(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -109,3 +146,73 @@ def test_folded_model_gives_the_same_logits(tmp_path, rng, backbone, size, alpha
 def test_onednn_switch_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert not onednn_enabled()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    model = build_pspnet(5, "mobilenetv2", (None, None, 3), alpha=0.35, aux_head=False)
+    return randomize_batch_norm(model, seed=4)
+
+
+def test_reduced_precision_copy_computes_as_a_model_built_under_keras_mixed_policy(
+    small_model, rng
+):
+    with dtype_policy("mixed_bfloat16"):  # how training builds a bf16 model
+        mixed = build_pspnet(5, "mobilenetv2", (None, None, 3), alpha=0.35, aux_head=False)
+    mixed.set_weights(small_model.get_weights())
+    copy = optimize_for_inference(small_model, precision="bfloat16", fold=False)
+
+    def policies(model):  # input layers only pass float32 pixels on
+        return {
+            layer.name: layer.dtype_policy.name
+            for layer in model.layers
+            if not isinstance(layer, keras.layers.InputLayer)
+        }
+
+    assert policies(copy) == policies(mixed)
+    # Raw pixels are normalised and logits returned in float32; the network in between
+    # computes in bfloat16 with float32 weights.
+    policies = policies(copy)
+    assert copy.inputs[0].dtype == "float32"
+    assert policies["preprocessing"] == policies["main"] == "float32"
+    assert policies["Conv1"] == policies["main_head_conv"] == "mixed_bfloat16"
+    assert all(w.dtype == "float32" for w in copy.weights)
+    images = rng.uniform(0, 255, (2, 45, 61, 3)).astype("float32")
+    out = copy(images, training=False)
+    assert out.dtype == "float32"
+    np.testing.assert_array_equal(out.numpy(), mixed(images, training=False).numpy())
+    reference = small_model(images, training=False).numpy()
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per op): close, not equal.
+    assert 1e-4 < _relative_error(out.numpy(), reference) < 0.05
+
+
+def test_folded_bfloat16_model_stays_close_to_float32(small_model, rng):
+    fast = optimize_for_inference(small_model, precision="bfloat16")
+    assert any(isinstance(layer, FoldedBatchNorm) for layer in fast.layers)
+    convs = [la for la in fast.layers if isinstance(la, keras.layers.Conv2D | FoldedBatchNorm)]
+    assert {la.dtype_policy.compute_dtype for la in convs} == {"bfloat16"}
+    images = rng.uniform(0, 255, (1, 64, 64, 3)).astype("float32")
+    reference = small_model(images, training=False).numpy()
+    assert _relative_error(fast(images, training=False).numpy(), reference) < 0.05
+    # float32 asked of a model built under the mixed policy: computes in float32 again.
+    back = optimize_for_inference(fast, precision="float32", fold=False)
+    assert {la.dtype_policy.name for la in back.layers} == {"float32"}
+
+
+def test_predictor_precision(small_model, rng):
+    predictor = as_predictor(small_model, precision="bfloat16")
+    assert predictor.precision == "bfloat16"
+    assert as_predictor(predictor) is predictor
+    assert as_predictor(predictor, precision="bfloat16") is predictor
+    again = as_predictor(predictor, precision="float32")
+    assert again.precision == "float32" and again.model is predictor.model
+    images = rng.uniform(0, 255, (1, 40, 52, 3)).astype("float32")
+    reference = as_predictor(small_model, fast=False)(images)
+    np.testing.assert_allclose(
+        again(images), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
+    )
+    assert _relative_error(predictor(images), reference) < 0.05
+    slow = as_predictor(small_model, fast=False, precision="bfloat16")
+    assert _relative_error(slow(images), reference) < 0.05
+    with pytest.raises(ValueError, match="precision must be one of .*'bf16'"):
+        as_predictor(small_model, precision="bf16")
