@@ -343,6 +343,7 @@ def predict_scores(
     base_size=None,
     scales=SCALES,
     flip=True,
+    precision=None,
 ):
     """Per-pixel scores of one image in one of the evaluation modes.
 
@@ -356,12 +357,13 @@ def predict_scores(
         base_size: int. Long side at scale 1.0; required for ``multiscale``.
         scales: sequence of float, for ``multiscale``.
         flip: bool, for ``multiscale``.
+        precision: the compute dtype, see :class:`Predictor` (None: the model's own).
 
     Returns:
         ``(H, W, num_classes)`` float32: logits (``single``, ``sliding``) or
         averaged probabilities (``multiscale``).
     """
-    predictor = as_predictor(model)
+    predictor = as_predictor(model, precision=precision)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     crop = _pair(crop_size, "crop_size") or predictor.crop_size

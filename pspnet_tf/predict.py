@@ -66,7 +66,7 @@ def predict_image(model, image, mode="single", **options):
         image: numpy ``(H, W, 3)`` RGB (or grayscale/RGBA) array, values 0-255.
         mode: ``"single"`` (whole image), ``"sliding"`` or ``"multiscale"``.
         **options: ``crop_size``, ``stride``, ``base_size``, ``scales``,
-            ``flip``: see :func:`pspnet_tf.inference.predict_scores`.
+            ``flip``, ``precision``: see :func:`pspnet_tf.inference.predict_scores`.
 
     Returns:
         ``(H, W)`` int32 class indices.

@@ -16,6 +16,7 @@ from pspnet_tf.optimize import (
     onednn_enabled,
     optimize_for_inference,
 )
+from pspnet_tf.predict import predict_image
 from pspnet_tf.training import dtype_policy
 
 
@@ -216,3 +217,8 @@ def test_predictor_precision(small_model, rng):
     assert _relative_error(slow(images), reference) < 0.05
     with pytest.raises(ValueError, match="precision must be one of .*'bf16'"):
         as_predictor(small_model, precision="bf16")
+    # The one-image API takes it too, and runs the same bfloat16 graph.
+    image = images[0].astype("uint8")
+    labels = predict_image(small_model, image, precision="bfloat16")
+    np.testing.assert_array_equal(labels, predictor(image[None].astype("float32"))[0].argmax(-1))
+    assert np.mean(labels == reference[0].argmax(-1)) > 0.9
