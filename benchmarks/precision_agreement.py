@@ -22,7 +22,7 @@ import numpy as np
 def agreement(model, dataset, precision, modes, max_images=None):
     """``{mode: {"agreement", "miou_float32", "miou_<precision>", "seconds_..."}}``."""
     from pspnet_tf.inference import as_predictor, predict_scores
-    from pspnet_tf.metrics import scores_from_confusion
+    from pspnet_tf.metrics import confusion_matrix, scores_from_confusion
 
     predictors = {
         "float32": as_predictor(model, precision="float32"),
@@ -43,11 +43,7 @@ def agreement(model, dataset, precision, modes, max_images=None):
                 start = time.perf_counter()
                 labels[name] = predict_scores(predictor, image, mode, **options).argmax(-1)
                 seconds[name] += time.perf_counter() - start
-                valid = label < num_classes
-                confusion[name] += np.bincount(
-                    label[valid] * num_classes + labels[name][valid],
-                    minlength=num_classes**2,
-                ).reshape(num_classes, num_classes)
+                confusion[name] += confusion_matrix(label, labels[name], num_classes).numpy()
             same += int((labels["float32"] == labels[precision]).sum())
             total += labels["float32"].size
         results[mode] = {

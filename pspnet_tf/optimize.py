@@ -160,8 +160,7 @@ def tap_conv2d(inputs, kernel, dilation=1):
     def conv(inputs, kernel):
         n, h, w = tf.shape(inputs)[0], tf.shape(inputs)[1], tf.shape(inputs)[2]
         padded_width = w + 2 * pw
-        padded = tf.pad(inputs, [[0, 0], [ph, ph], [pw, pw], [0, 0]])
-        rows = tf.reshape(padded, [-1, channels])
+        rows = tf.reshape(_pad_same(inputs, (kh, kw), (dilation, dilation)), [-1, channels])
         centre = ph * padded_width + pw  # row of the first output pixel's centre tap
         length = tf.shape(rows)[0] - 2 * centre
         taps = [
@@ -175,7 +174,7 @@ def tap_conv2d(inputs, kernel, dilation=1):
         grid = tf.reshape(grid, [n, h + 2 * ph, padded_width, filters])
 
         def gradient(upstream):
-            grid = tf.pad(upstream, [[0, 0], [ph, ph], [pw, pw], [0, 0]])
+            grid = _pad_same(upstream, (kh, kw), (dilation, dilation))  # the output grid
             grid = tf.reshape(grid, [-1, filters])[centre : centre + length]
             kernel_grad = {
                 (i, j): tf.matmul(rows[start : start + length], grid, transpose_a=True)
@@ -293,7 +292,7 @@ def _folded_weights(conv, bn):
     return kernel.astype(np.float32), bias.astype(np.float32)
 
 
-def fold_batch_norm(model, native_dilation=True, precision=None, fold=True):
+def fold_batch_norm(model, native_dilation=True, precision=None):
     """A copy of ``model`` for inference with BatchNorm folded into the convs before it.
 
     Args:
@@ -304,13 +303,17 @@ def fold_batch_norm(model, native_dilation=True, precision=None, fold=True):
         precision: one of :data:`PRECISIONS`. The copy's compute dtype (weights stay
             float32; so do the input normalisation and the output layers). None keeps
             every layer's own policy.
-        fold: bool. False copies the graph as it is (only ``precision`` applies).
 
     Returns:
         A new ``keras.Model`` with the same inputs, outputs and layer names, for
         inference only (folded BatchNorms cannot train).
     """
-    precision = resolve_precision(precision)
+    return _inference_copy(model, True, native_dilation, resolve_precision(precision))
+
+
+def _inference_copy(model, fold, native_dilation, precision):
+    """:func:`fold_batch_norm`'s copy; ``fold=False`` copies the graph as it is and only
+    applies ``precision`` (already resolved by :func:`resolve_precision`)."""
     pairs = _fold_pairs(model) if fold else {}
     folded = {bn.name for bn in pairs.values()}
     keep_float32 = _float32_layers(model) if precision else set()
@@ -359,14 +362,15 @@ def optimize_for_inference(model, native_dilation=None, precision=None, fold=Tru
         ValueError: an unknown ``precision``, or a reduced one for a model that is
             not functional (its layers cannot be copied with another policy).
     """
+    resolved = resolve_precision(precision)
     if native_dilation is None:
         native_dilation = onednn_enabled()
-    if not fold and resolve_precision(precision) is None:
+    if not fold and resolved is None:
         return model
     try:
-        return fold_batch_norm(model, native_dilation, precision, fold)
+        return _inference_copy(model, fold, native_dilation, resolved)
     except ValueError:  # clone_model takes only functional and Sequential models
-        if resolve_precision(precision) not in (None, "float32"):
+        if resolved not in (None, "float32"):
             raise ValueError(
                 f"precision={precision!r} needs a functional Keras model; "
                 f"{type(model).__name__} {model.name!r} is not one"
