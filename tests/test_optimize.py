@@ -76,12 +76,14 @@ def test_matmul_conv_equals_a_direct_computation(rng, dilation, size):
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
 @pytest.mark.parametrize(
     "dilation, kernel_size, size", [(1, 3, (7, 9)), (2, 3, (8, 5)), (1, 5, (6, 6))]
 )
-def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size):
+def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size, graph):
     """Its written-out gradient (kernel from the tap rows, input as the transposed conv)
-    against TF's own convolution gradients, for inputs, kernel and bias."""
+    against TF's own convolution gradients, for inputs, kernel and bias, eagerly and in
+    a graph (as in ``fit``, where the gradient's ops are ordered by control dependencies)."""
     x = tf.constant(rng.normal(size=(2, *size, 6)).astype("float32"))
     upstream = tf.constant(rng.normal(size=(2, *size, 4)).astype("float32"))
     kernel = rng.normal(size=(kernel_size, kernel_size, 6, 4)).astype("float32")
@@ -91,10 +93,14 @@ def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size
         layer = cls(4, kernel_size, padding="same", dilation_rate=dilation)
         layer.build(x.shape)
         layer.set_weights([kernel, bias])
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(layer(x) * upstream)
-        results.append(tape.gradient(loss, [x, layer.kernel, layer.bias]))
+
+        def gradients(layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x) * upstream)
+            return tape.gradient(loss, [x, layer.kernel, layer.bias])
+
+        results.append(tf.function(gradients)() if graph else gradients())
     for ours, keras_grad in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
 
