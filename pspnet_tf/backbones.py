@@ -41,6 +41,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from pspnet_tf.optimize import DilatedConv2D
+
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
 OUTPUT_STRIDES = (8, 16, 32)
@@ -150,7 +152,9 @@ def _conv(x, filters, kernel, stride=1, dilation=1, padding="same", use_bias=Tru
     )
     if filters is None:
         return layers.DepthwiseConv2D(kernel, **options)(x)
-    return layers.Conv2D(filters, kernel, **options)(x)
+    # Dilated: oneDNN's native dilated conv, not TF's SpaceToBatch form (same results).
+    conv = DilatedConv2D if dilation > 1 else layers.Conv2D
+    return conv(filters, kernel, **options)(x)
 
 
 def _bottleneck(x, filters, stride, dilation, name, variant=RESNET_VARIANT):

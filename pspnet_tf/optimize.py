@@ -10,6 +10,9 @@
   SpaceToBatch + conv + BatchToSpace, which copies every feature map twice; TF's own
   (Eigen) kernel and the gradients lack native dilation, so the layer uses it for
   inference with oneDNN only and falls back to Keras' path elsewhere.
+- :class:`DilatedConv2D`: a dilated (non-depthwise) conv as oneDNN's native dilated
+  convolution, forward and both gradients, instead of TF's SpaceToBatch form; ResNet
+  backbones are built with it, so training uses it too. Export turns it back into Conv2D.
 - :class:`MatmulConv2D`: a 3x3 conv over very wide inputs (ResNet PSPNet's 4096-channel
   bottleneck) as nine shifted matmuls, which oneDNN runs at matmul speed (its direct conv
   took 1.5x as long).
@@ -106,6 +109,42 @@ class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             strides=[1, 1, 1, 1],
             padding="VALID",
             dilations=[1, *dilation, 1],
+        )
+        if self.use_bias:
+            outputs = outputs + tf.cast(self.bias, outputs.dtype)
+        return self.activation(outputs) if self.activation is not None else outputs
+
+
+@keras.saving.register_keras_serializable(package="pspnet_tf")
+class DilatedConv2D(keras.layers.Conv2D):
+    """``Conv2D`` with dilation > 1 run as one native dilated oneDNN convolution.
+
+    Same arguments, weights and outputs (and gradients) as ``keras.layers.Conv2D``, which
+    on TF computes a dilated conv as SpaceToBatch + conv + BatchToSpace: at output stride 8
+    that turns ResNet's 4x-dilated 3x3 convs on 40x40 maps into 64 images of 12x12 each,
+    where oneDNN's weight gradient runs slowly. oneDNN's own dilated convolution runs the
+    forward pass and both gradients on the whole map. Used in training and inference; TF
+    without oneDNN (whose CPU conv rejects dilation) and strided, grouped or channels-first
+    settings run Keras' form, and exported models get plain ``Conv2D`` layers (portable).
+    """
+
+    def call(self, inputs):
+        dilation = tuple(self.dilation_rate)
+        native = (
+            dilation != (1, 1)
+            and tuple(self.strides) == (1, 1)
+            and self.groups == 1
+            and self.data_format == "channels_last"
+            and onednn_enabled()
+        )
+        if not native:
+            return super().call(inputs)
+        outputs = tf.nn.conv2d(
+            inputs,
+            tf.cast(self.kernel, inputs.dtype),
+            strides=1,
+            padding=self.padding.upper(),
+            dilations=dilation,
         )
         if self.use_bias:
             outputs = outputs + tf.cast(self.bias, outputs.dtype)
@@ -325,8 +364,11 @@ def _inference_copy(model, fold, native_dilation, precision):
         config = layer.get_config()
         if precision and layer.name not in keep_float32:
             config["dtype"] = _POLICIES[precision]
+        cls = layer.__class__
+        if not native_dilation and cls is DilatedConv2D:
+            cls = keras.layers.Conv2D  # portable: TF's own dilated form
         if not fold:
-            return layer.__class__.from_config(config)
+            return cls.from_config(config)
         if layer.name in folded:
             policy = config["dtype"] if precision else layer.dtype_policy.name
             return FoldedBatchNorm(name=layer.name, dtype=policy)
@@ -336,7 +378,7 @@ def _inference_copy(model, fold, native_dilation, precision):
             return DilatedDepthwiseConv2D.from_config(config)
         if _as_matmul_conv(layer):
             return MatmulConv2D.from_config(config)
-        return layer.__class__.from_config(config)
+        return cls.from_config(config)
 
     new = keras.models.clone_model(model, clone_function=clone)
     for layer in new.layers:

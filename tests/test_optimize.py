@@ -9,6 +9,7 @@ from conftest import randomize_batch_norm, randomize_weights
 from pspnet_tf import build_pspnet, rebuild
 from pspnet_tf.inference import as_predictor
 from pspnet_tf.optimize import (
+    DilatedConv2D,
     DilatedDepthwiseConv2D,
     FoldedBatchNorm,
     MatmulConv2D,
@@ -105,6 +106,47 @@ def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size
         np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def _conv_and_gradients(layer, x, upstream, graph):
+    """``layer(x)`` and the gradients of ``sum(layer(x) * upstream)`` for x, kernel, bias."""
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        return [y, *tape.gradient(loss, [x, layer.kernel, layer.bias])]
+
+    return tf.function(run)() if graph else run()
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
+@pytest.mark.parametrize(
+    "dilation, padding, size",
+    [(2, "same", (9, 7)), ((2, 3), "same", (8, 10)), (2, "valid", (9, 9))],
+)
+def test_dilated_conv_equals_keras_conv_with_gradients(rng, dilation, padding, size, graph):
+    """The native dilated conv against Keras' (SpaceToBatch) one: outputs and the
+    gradients for input, kernel and bias."""
+    x = tf.constant(rng.normal(size=(2, *size, 5)).astype("float32"))
+    weights = [
+        rng.normal(size=(3, 3, 5, 4)).astype("float32"),
+        rng.normal(size=4).astype("float32"),
+    ]
+    layers = [
+        cls(4, 3, padding=padding, dilation_rate=dilation)
+        for cls in (keras.layers.Conv2D, DilatedConv2D)
+    ]
+    for layer in layers:
+        layer.build(x.shape)
+        layer.set_weights(weights)
+    upstream = tf.constant(rng.normal(size=layers[0].compute_output_shape(x.shape)), tf.float32)
+    keras_results, our_results = (
+        _conv_and_gradients(layer, x, upstream, graph) for layer in layers
+    )
+    for ours, reference in zip(our_results, keras_results, strict=True):
+        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_matmul_conv_without_onednn_is_keras_conv(rng, monkeypatch):
     layer = MatmulConv2D(3, 3, padding="same")
     x = rng.normal(size=(1, 5, 6, 4)).astype("float32")
@@ -113,6 +155,24 @@ def test_matmul_conv_without_onednn_is_keras_conv(rng, monkeypatch):
     reference = keras.layers.Conv2D.call(layer, tf.constant(x)).numpy()
     np.testing.assert_allclose(layer(x).numpy(), reference, rtol=1e-6)
     np.testing.assert_allclose(expected, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_dilated_conv_without_onednn_is_keras_conv(rng, monkeypatch):
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    layer = DilatedConv2D(3, 3, padding="same", dilation_rate=2)
+    x = tf.constant(rng.normal(size=(1, 7, 6, 4)).astype("float32"))
+    np.testing.assert_array_equal(layer(x).numpy(), keras.layers.Conv2D.call(layer, x).numpy())
+
+
+def test_resnet_dilated_convs_are_native_except_in_export_copies():
+    model = build_pspnet(3, "resnet50", (64, 64, 3))
+    dilated = [
+        layer.name for layer in model.layers if max(getattr(layer, "dilation_rate", (1,))) > 1
+    ]
+    assert dilated and all(isinstance(model.get_layer(n), DilatedConv2D) for n in dilated)
+    portable = fold_batch_norm(model, native_dilation=False)
+    assert not any(isinstance(layer, DilatedConv2D) for layer in portable.layers)
+    assert all(type(portable.get_layer(n)) is keras.layers.Conv2D for n in dilated)
 
 
 def _relative_error(a, b):
