@@ -87,6 +87,13 @@ def _pad_same(inputs, kernel_size, dilation_rate):
     return tf.pad(inputs, [[0, 0], *([p // 2, p - p // 2] for p in pads), [0, 0]])
 
 
+def _bias_and_activation(conv, outputs):
+    """The rest of a Keras conv layer's call after the convolution itself."""
+    if conv.use_bias:
+        outputs = outputs + tf.cast(conv.bias, outputs.dtype)
+    return conv.activation(outputs) if conv.activation is not None else outputs
+
+
 @keras.saving.register_keras_serializable(package="pspnet_tf")
 class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """``DepthwiseConv2D`` (stride 1, dilation > 1) run as one native dilated op at inference.
@@ -110,9 +117,7 @@ class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
             padding="VALID",
             dilations=[1, *dilation, 1],
         )
-        if self.use_bias:
-            outputs = outputs + tf.cast(self.bias, outputs.dtype)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return _bias_and_activation(self, outputs)
 
 
 @keras.saving.register_keras_serializable(package="pspnet_tf")
@@ -146,9 +151,7 @@ class DilatedConv2D(keras.layers.Conv2D):
             padding=self.padding.upper(),
             dilations=dilation,
         )
-        if self.use_bias:
-            outputs = outputs + tf.cast(self.bias, outputs.dtype)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return _bias_and_activation(self, outputs)
 
 
 @keras.saving.register_keras_serializable(package="pspnet_tf")
@@ -256,9 +259,7 @@ class MatmulConv2D(keras.layers.Conv2D):
         if not (_tap_conv_applies(self) and onednn_enabled()):
             return super().call(inputs)
         outputs = tap_conv2d(inputs, tf.cast(self.kernel, inputs.dtype), self.dilation_rate[0])
-        if self.use_bias:
-            outputs = outputs + tf.cast(self.bias, outputs.dtype)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return _bias_and_activation(self, outputs)
 
 
 def _tap_conv_applies(layer):

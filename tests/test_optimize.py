@@ -77,6 +77,19 @@ def test_matmul_conv_equals_a_direct_computation(rng, dilation, size):
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
+def _conv_and_gradients(layer, x, upstream, graph):
+    """``layer(x)`` and the gradients of ``sum(layer(x) * upstream)`` for x, kernel, bias."""
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        return [y, *tape.gradient(loss, [x, layer.kernel, layer.bias])]
+
+    return tf.function(run)() if graph else run()
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
 @pytest.mark.parametrize(
     "dilation, kernel_size, size", [(1, 3, (7, 9)), (2, 3, (8, 5)), (1, 5, (6, 6))]
@@ -94,29 +107,9 @@ def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size
         layer = cls(4, kernel_size, padding="same", dilation_rate=dilation)
         layer.build(x.shape)
         layer.set_weights([kernel, bias])
-
-        def gradients(layer=layer):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(layer(x) * upstream)
-            return tape.gradient(loss, [x, layer.kernel, layer.bias])
-
-        results.append(tf.function(gradients)() if graph else gradients())
+        results.append(_conv_and_gradients(layer, x, upstream, graph)[1:])  # gradients only
     for ours, keras_grad in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
-
-
-def _conv_and_gradients(layer, x, upstream, graph):
-    """``layer(x)`` and the gradients of ``sum(layer(x) * upstream)`` for x, kernel, bias."""
-
-    def run():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x)
-            loss = tf.reduce_sum(y * upstream)
-        return [y, *tape.gradient(loss, [x, layer.kernel, layer.bias])]
-
-    return tf.function(run)() if graph else run()
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
