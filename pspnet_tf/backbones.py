@@ -41,7 +41,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from pspnet_tf.optimize import DilatedConv2D
+from pspnet_tf.optimize import DilatedConv2D, FusedBatchNorm
 
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
@@ -131,7 +131,8 @@ def dilation_plan(strides, output_stride, stem_stride):
 
 
 def _bn(name, epsilon=1.001e-5, momentum=0.99):
-    return layers.BatchNormalization(axis=-1, epsilon=epsilon, momentum=momentum, name=name)
+    # Keras' BatchNormalization with its training pass as one fused op (same results).
+    return FusedBatchNorm(axis=-1, epsilon=epsilon, momentum=momentum, name=name)
 
 
 def _conv(x, filters, kernel, stride=1, dilation=1, padding="same", use_bias=True, name=None):

@@ -36,7 +36,7 @@ from pspnet_tf.layers import (
     Preprocessing,
     ResizeLike,
 )
-from pspnet_tf.optimize import MATMUL_CONV_MIN_CHANNELS, MatmulConv2D
+from pspnet_tf.optimize import MATMUL_CONV_MIN_CHANNELS, FusedBatchNorm, MatmulConv2D
 
 # Pyramid bins by (square) input size: seed 000's kernel/stride table. At output
 # stride 8 the feature size divides by every bin (473 -> 60: kernels 60, 30, 20, 10).
@@ -109,7 +109,7 @@ def _conv_bn_relu(x, filters, kernel_size, name, dilation=1):
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    x = FusedBatchNorm(epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 

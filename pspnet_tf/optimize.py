@@ -1,4 +1,4 @@
-"""Faster inference graphs with the same outputs: BatchNorm folding, native dilated depthwise.
+"""Faster graphs with the same outputs: BatchNorm folding and fusing, native dilated convs.
 
 - :func:`fold_batch_norm`: every inference-mode BatchNormalization that directly follows a
   Conv2D or DepthwiseConv2D (and is that conv's only consumer) is folded into the conv's
@@ -13,6 +13,9 @@
 - :class:`DilatedConv2D`: a dilated (non-depthwise) conv as oneDNN's native dilated
   convolution, forward and both gradients, instead of TF's SpaceToBatch form; ResNet
   backbones are built with it, so training uses it too. Export turns it back into Conv2D.
+- :class:`FusedBatchNorm`: BatchNormalization whose training pass is TF's one fused op
+  (and its gradient another) instead of Keras' separate passes; every model's BatchNorms are
+  built with it, so training uses it. Same outputs, gradients and moving statistics.
 - :class:`MatmulConv2D`: a 3x3 conv over very wide inputs (ResNet PSPNet's 4096-channel
   bottleneck) as nine shifted matmuls, which oneDNN runs at matmul speed (its direct conv
   took 1.5x as long).
@@ -152,6 +155,46 @@ class DilatedConv2D(keras.layers.Conv2D):
             dilations=dilation,
         )
         return _bias_and_activation(self, outputs)
+
+
+@keras.saving.register_keras_serializable(package="pspnet_tf")
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """``BatchNormalization`` whose training pass is one fused op and its gradient another.
+
+    Same arguments, weights, outputs, gradients and moving-statistics updates as
+    ``keras.layers.BatchNormalization``. Keras computes a training-mode BatchNorm from
+    separate passes (cast to float32, mean, squared difference, mean, scale, shift), and
+    its gradient from as many again; TF's ``FusedBatchNormV3`` (oneDNN, Eigen or cuDNN)
+    does the statistics and the normalisation in one op, reading bfloat16 or float16
+    inputs directly and accumulating in float32. Inference, masks, renorm, synchronized
+    statistics, frozen layers and inputs that are not 4-D channels-last run Keras' call.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        fused = (
+            training
+            and self.trainable
+            and mask is None
+            and not self.renorm
+            and not self.synchronized
+            and len(inputs.shape) == 4
+            and self.axis % 4 == 3
+        )
+        if not fused:
+            return super().call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+        offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, scale, offset, epsilon=self.epsilon, is_training=True
+        )
+        # The op returns the unbiased (n / (n - 1)) variance; Keras keeps the biased one.
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:3]), tf.float32)
+        variance = variance * (tf.maximum(count - 1.0, 1.0) / count)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
+        return tf.cast(outputs, self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="pspnet_tf")

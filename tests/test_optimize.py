@@ -12,6 +12,7 @@ from pspnet_tf.optimize import (
     DilatedConv2D,
     DilatedDepthwiseConv2D,
     FoldedBatchNorm,
+    FusedBatchNorm,
     MatmulConv2D,
     fold_batch_norm,
     onednn_enabled,
@@ -166,6 +167,106 @@ def test_resnet_dilated_convs_are_native_except_in_export_copies():
     portable = fold_batch_norm(model, native_dilation=False)
     assert not any(isinstance(layer, DilatedConv2D) for layer in portable.layers)
     assert all(type(portable.get_layer(n)) is keras.layers.Conv2D for n in dilated)
+
+
+def _batch_norm_run(layer, x, upstream, graph, **call):
+    """``layer(x, **call)``, the gradients of ``sum(y * upstream)`` for x, gamma and beta,
+    and the layer's weights afterwards (moving statistics updated or not)."""
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x, **call), tf.float32)
+            loss = tf.reduce_sum(y * upstream)
+        return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+
+    results = tf.function(run)() if graph else run()
+    return [r.numpy() for r in results], [w.numpy() for w in layer.weights]
+
+
+def _fused_op_count(layer, x, **call):
+    graph = tf.function(lambda x: layer(x, **call)).get_concrete_function(x).graph
+    return sum(op.type.startswith("FusedBatchNorm") for op in graph.get_operations())
+
+
+def _batch_norm_pair(rng, shape, **options):
+    gamma, beta = rng.uniform(0.5, 1.5, shape[-1]), rng.normal(size=shape[-1])
+    mean, variance = rng.normal(size=shape[-1]), rng.uniform(0.5, 2, shape[-1])
+    weights = [w.astype("float32") for w in (gamma, beta, mean, variance)]
+    pair = [
+        cls(momentum=0.9, epsilon=1e-3, **options)
+        for cls in (keras.layers.BatchNormalization, FusedBatchNorm)
+    ]
+    for layer in pair:
+        layer.build(shape)
+        layer.set_weights(weights + layer.get_weights()[4:])  # renorm has 3 more
+    return pair, weights
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "tf_function"])
+def test_fused_batch_norm_training_equals_numpy_and_keras(rng, graph):
+    """Training mode: outputs and moving statistics against numpy's batch statistics
+    (biased variance, as Keras keeps), gradients against Keras' BatchNormalization."""
+    shape = (2, 7, 5, 6)
+    x = tf.constant((rng.normal(size=shape) * 3 + 1).astype("float32"))
+    upstream = tf.constant(rng.normal(size=shape).astype("float32"))
+    (keras_bn, fused), (gamma, beta, moving_mean, moving_variance) = _batch_norm_pair(rng, shape)
+    keras_out, keras_weights = _batch_norm_run(keras_bn, x, upstream, graph, training=True)
+    out, weights = _batch_norm_run(fused, x, upstream, graph, training=True)
+    xs = x.numpy().astype("float64")
+    mean, variance = xs.mean(axis=(0, 1, 2)), xs.var(axis=(0, 1, 2))
+    expected = (xs - mean) / np.sqrt(variance + 1e-3) * gamma + beta
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-5)
+    expected_weights = [gamma, beta, 0.9 * moving_mean + 0.1 * mean]
+    expected_weights.append(0.9 * moving_variance + 0.1 * variance)
+    for ours, reference in zip(weights, expected_weights, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    for ours, reference in zip(out[1:], keras_out[1:], strict=True):  # d x, d gamma, d beta
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+    assert _fused_op_count(fused, x, training=True) == 1
+
+
+def test_fused_batch_norm_in_bfloat16_equals_keras_mixed_policy(rng):
+    shape = (2, 6, 6, 8)
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+    upstream = tf.constant(rng.normal(size=shape).astype("float32"))
+    pair, _ = _batch_norm_pair(rng, shape, dtype="mixed_bfloat16")
+    (keras_out, keras_weights), (out, weights) = (
+        _batch_norm_run(layer, x, upstream, False, training=True) for layer in pair
+    )
+    assert pair[1](x, training=True).dtype == tf.bfloat16
+    for ours, reference in zip(out + weights, keras_out + keras_weights, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=2e-2, atol=2e-2)  # bf16 rounding
+    np.testing.assert_allclose(weights[2:], keras_weights[2:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["inference", "frozen", "mask", "renorm"], ids=lambda case: case)
+def test_fused_batch_norm_runs_keras_call_where_it_does_not_apply(rng, case):
+    """Inference, frozen layers, masks and renorm: Keras' own computation (and no fused
+    op), so outputs, gradients and moving statistics are Keras' exactly."""
+    shape = (2, 5, 4, 3)
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
+    upstream = tf.constant(rng.normal(size=shape).astype("float32"))
+    pair, _ = _batch_norm_pair(rng, shape, renorm=case == "renorm")
+    call = {"training": case != "inference"}
+    if case == "frozen":
+        for layer in pair:
+            layer.trainable = False
+    if case == "mask":
+        call["mask"] = tf.constant(rng.uniform(size=shape[:3]) > 0.3)
+    (keras_out, keras_weights), (out, weights) = (
+        _batch_norm_run(layer, x, upstream, False, **call) for layer in pair
+    )
+    for ours, reference in zip(out + weights, keras_out + keras_weights, strict=True):
+        np.testing.assert_array_equal(ours, reference)
+    assert _fused_op_count(pair[1], x, **call) == 0
+
+
+@pytest.mark.parametrize("backbone, alpha", [("resnet50", 1.0), ("mobilenetv2", 0.35)])
+def test_models_are_built_with_fused_batch_norm(backbone, alpha):
+    model = build_pspnet(3, backbone, (64, 64, 3), aux_head=True, alpha=alpha)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(isinstance(layer, FusedBatchNorm) for layer in norms)
 
 
 def _relative_error(a, b):

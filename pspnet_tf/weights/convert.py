@@ -331,7 +331,7 @@ def _assign(model, tensors, source, label, drop_aux):
 
 def _keys(source, prefix, layer):
     """Source keys of ``layer``'s weights, in Keras weight order."""
-    kind = type(layer).__name__
+    kind = "BatchNormalization" if isinstance(layer, keras.layers.BatchNormalization) else ""
     if source == "caffe":
         fields = {"BatchNormalization": ["scale", "offset", "mean", "variance"]}.get(
             kind, ["weights", "biases"]
