@@ -78,15 +78,16 @@ def test_matmul_conv_equals_a_direct_computation(rng, dilation, size):
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
-def _conv_and_gradients(layer, x, upstream, graph):
-    """``layer(x)`` and the gradients of ``sum(layer(x) * upstream)`` for x, kernel, bias."""
+def _outputs_and_gradients(layer, x, upstream, graph, weights=("kernel", "bias"), **call):
+    """``layer(x, **call)`` (as float32) and the gradients of ``sum(y * upstream)`` for x
+    and the layer's ``weights``, eagerly or in a ``tf.function``."""
 
     def run():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = layer(x)
+            y = tf.cast(layer(x, **call), tf.float32)
             loss = tf.reduce_sum(y * upstream)
-        return [y, *tape.gradient(loss, [x, layer.kernel, layer.bias])]
+        return [y, *tape.gradient(loss, [x, *(getattr(layer, w) for w in weights)])]
 
     return tf.function(run)() if graph else run()
 
@@ -108,7 +109,7 @@ def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size
         layer = cls(4, kernel_size, padding="same", dilation_rate=dilation)
         layer.build(x.shape)
         layer.set_weights([kernel, bias])
-        results.append(_conv_and_gradients(layer, x, upstream, graph)[1:])  # gradients only
+        results.append(_outputs_and_gradients(layer, x, upstream, graph)[1:])  # gradients only
     for ours, keras_grad in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -135,7 +136,7 @@ def test_dilated_conv_equals_keras_conv_with_gradients(rng, dilation, padding, s
         layer.set_weights(weights)
     upstream = tf.constant(rng.normal(size=layers[0].compute_output_shape(x.shape)), tf.float32)
     keras_results, our_results = (
-        _conv_and_gradients(layer, x, upstream, graph) for layer in layers
+        _outputs_and_gradients(layer, x, upstream, graph) for layer in layers
     )
     for ours, reference in zip(our_results, keras_results, strict=True):
         np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
@@ -170,17 +171,9 @@ def test_resnet_dilated_convs_are_native_except_in_export_copies():
 
 
 def _batch_norm_run(layer, x, upstream, graph, **call):
-    """``layer(x, **call)``, the gradients of ``sum(y * upstream)`` for x, gamma and beta,
-    and the layer's weights afterwards (moving statistics updated or not)."""
-
-    def run():
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = tf.cast(layer(x, **call), tf.float32)
-            loss = tf.reduce_sum(y * upstream)
-        return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
-
-    results = tf.function(run)() if graph else run()
+    """Outputs and gradients for x, gamma and beta, and the layer's weights afterwards
+    (moving statistics updated or not), as numpy arrays."""
+    results = _outputs_and_gradients(layer, x, upstream, graph, ("gamma", "beta"), **call)
     return [r.numpy() for r in results], [w.numpy() for w in layer.weights]
 
 
@@ -211,7 +204,7 @@ def test_fused_batch_norm_training_equals_numpy_and_keras(rng, graph):
     x = tf.constant((rng.normal(size=shape) * 3 + 1).astype("float32"))
     upstream = tf.constant(rng.normal(size=shape).astype("float32"))
     (keras_bn, fused), (gamma, beta, moving_mean, moving_variance) = _batch_norm_pair(rng, shape)
-    keras_out, keras_weights = _batch_norm_run(keras_bn, x, upstream, graph, training=True)
+    keras_out, _ = _batch_norm_run(keras_bn, x, upstream, graph, training=True)
     out, weights = _batch_norm_run(fused, x, upstream, graph, training=True)
     xs = x.numpy().astype("float64")
     mean, variance = xs.mean(axis=(0, 1, 2)), xs.var(axis=(0, 1, 2))

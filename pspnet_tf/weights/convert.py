@@ -331,15 +331,11 @@ def _assign(model, tensors, source, label, drop_aux):
 
 def _keys(source, prefix, layer):
     """Source keys of ``layer``'s weights, in Keras weight order."""
-    kind = "BatchNormalization" if isinstance(layer, keras.layers.BatchNormalization) else ""
+    batch_norm = isinstance(layer, keras.layers.BatchNormalization)
     if source == "caffe":
-        fields = {"BatchNormalization": ["scale", "offset", "mean", "variance"]}.get(
-            kind, ["weights", "biases"]
-        )
+        fields = ["scale", "offset", "mean", "variance"] if batch_norm else ["weights", "biases"]
         return [f"{prefix}/{f}" for f in fields][: len(layer.weights)]
-    fields = {"BatchNormalization": ["weight", "bias", "running_mean", "running_var"]}.get(
-        kind, ["weight", "bias"]
-    )
+    fields = ["weight", "bias", "running_mean", "running_var"] if batch_norm else ["weight", "bias"]
     return [f"{prefix}.{f}" for f in fields][: len(layer.weights)]
 
 
