@@ -1,13 +1,20 @@
 """pspnet_tf against a PyTorch eager implementation of the same network, same machine.
 
 Usage: python benchmarks/speed.py [--quick] [--runs 10] [--threads 2] [--json FILE]
+           [--cases "mobilenetv2 infer 473 b1 fp32" ...] [--no-memory]
 
 For each case (inference at 473 batch 1; training steps at 320 batch 4 and 473 batch 2)
 and precision (fp32; bf16 = Keras mixed_bfloat16 vs torch.autocast bfloat16), one child
 process builds both models with the same weights, checks that parameter counts and
 convolution FLOPs agree (and fp32 inference logits), then times them alternately
 (TF, PyTorch, TF, PyTorch, ...). Peak memory comes from separate processes, one per
-framework and case. Prints a table with ours/PyTorch ratios; ``--json`` writes it all.
+framework and case. Prints the machine (CPU, ISA features, oneDNN on or off), a table
+with ours/PyTorch ratios and the kernels :mod:`pspnet_tf.autotune` chose for each case;
+``--json`` writes it all.
+
+An AVX2-only CPU can be emulated on an AVX-512 one: ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN in
+both frameworks) and ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own kernels), with
+``TF_ENABLE_ONEDNN_OPTS=0`` for TensorFlow's default there or unset for pspnet_tf's.
 """
 
 from __future__ import annotations
@@ -91,7 +98,9 @@ def check_twins(keras_model, torch_model, kind, size):
 
 def run_pair(kind, backbone, batch, size, precision, runs, threads, warmup=2):
     """Child process: both frameworks, alternating timings."""
-    tf_step, keras_model, flops = _keras_case(kind, backbone, batch, size, precision)
+    from pspnet_tf import machine
+
+    tf_step, keras_model, flops, kernels = _keras_case(kind, backbone, batch, size, precision)
     torch_step, torch_model = torch_case(
         keras_model, kind, backbone, batch, size, precision, threads
     )
@@ -103,17 +112,20 @@ def run_pair(kind, backbone, batch, size, precision, runs, threads, warmup=2):
     for _ in range(runs):
         tf_times.append(bench.timed(tf_step))
         torch_times.append(bench.timed(torch_step))
-    return {"tf": tf_times, "torch": torch_times, "check": check, "step_flops": flops}
+    return {
+        "tf": tf_times, "torch": torch_times, "check": check, "step_flops": flops,
+        "kernels": kernels, "machine": machine.describe(),
+    }  # fmt: skip
 
 
 def _keras_case(kind, backbone, batch, size, precision):
-    model, step, flops = bench.build_case(kind, backbone, batch, size, precision)
-    return step, model, flops
+    model, step, flops, kernels = bench.build_case(kind, backbone, batch, size, precision)
+    return step, model, flops, kernels
 
 
 def run_memory(framework, kind, backbone, batch, size, precision, threads, steps=3):
     """Child process: peak resident memory of a few steps of one framework alone."""
-    step, keras_model, _ = _keras_case(kind, backbone, batch, size, precision)
+    step, keras_model, _, _ = _keras_case(kind, backbone, batch, size, precision)
     if framework == "torch":
         step, _ = torch_case(keras_model, kind, backbone, batch, size, precision, threads)
         del keras_model
@@ -128,6 +140,10 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--cases", nargs="+", default=None, help='only these, e.g. "resnet50 train 320 b4 fp32"'
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -150,13 +166,21 @@ def main(argv=None):
             if backbone == "resnet101" and size != 473:
                 continue
             for precision in ("fp32", "bf16"):
+                case = f"{backbone} {kind} {size} b{batch} {precision}"
+                if args.cases and case not in args.cases:
+                    continue
                 rows.append(_measure(kind, backbone, batch, size, precision, runs, args, peaks))
                 print(_format_row(rows[-1]), flush=True)
-    print(f"\nmatmul peak (measured, {args.threads} threads): fp32 {peaks['float32']:.0f} GFLOP/s, "
+    print()
+    for line in sorted({f"machine: {r['machine']}" for r in rows}):
+        print(line)
+    print(f"matmul peak (measured, {args.threads} threads): fp32 {peaks['float32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16']:.0f} GFLOP/s")  # fmt: skip
     print(_HEADER)
     for row in rows:
         print(_format_row(row))
+    for row in rows:
+        print(f"  {row['case']}: {row['kernels']}")
     if args.json:
         bench.write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
     return 0
@@ -167,7 +191,9 @@ def _measure(kind, backbone, batch, size, precision, runs, args, peaks):
     script = [os.path.abspath(__file__)]
     pair = bench.run_child(["pair", *case, runs], args.threads, script=script)
     memory = {
-        fw: bench.run_child([fw, *case], args.threads, script=script)["peak_rss_mb"]
+        fw: float("nan")
+        if args.no_memory
+        else bench.run_child([fw, *case], args.threads, script=script)["peak_rss_mb"]
         for fw in ("tf", "torch")
     }
     step_flops = pair["step_flops"]  # per image, x3 for a training step
@@ -180,7 +206,7 @@ def _measure(kind, backbone, batch, size, precision, runs, args, peaks):
         "tf_images_per_s": batch / tf_median, "torch_images_per_s": batch / torch_median,
         "tf_fraction_of_peak": step_flops * batch / tf_median / 1e9 / peak,
         "tf_rss_mb": memory["tf"], "torch_rss_mb": memory["torch"], "check": pair["check"],
-        "timestamp": time.time(),
+        "kernels": pair["kernels"], "machine": pair["machine"], "timestamp": time.time(),
     }  # fmt: skip
 
 

@@ -5,8 +5,13 @@ Example:
 >>> model = build_pspnet(num_classes=21, backbone="mobilenetv2", input_shape=(320, 320, 3))
 """
 
-from pspnet_tf import layers  # noqa: F401  (registers the custom layers for load_model)
-from pspnet_tf.model import (
+# Before TensorFlow loads: oneDNN where TF would leave it off, quiet start-up in the CLI.
+from pspnet_tf import machine as _machine
+
+_machine.prepare_tensorflow()
+
+from pspnet_tf import layers  # noqa: E402, F401  (registers the custom layers for load_model)
+from pspnet_tf.model import (  # noqa: E402
     build_pspnet,
     get_metadata,
     inference_model,

@@ -41,8 +41,6 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from pspnet_tf.optimize import DilatedConv2D, FusedBatchNorm
-
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
 OUTPUT_STRIDES = (8, 16, 32)
@@ -131,8 +129,7 @@ def dilation_plan(strides, output_stride, stem_stride):
 
 
 def _bn(name, epsilon=1.001e-5, momentum=0.99):
-    # Keras' BatchNormalization with its training pass as one fused op (same results).
-    return FusedBatchNorm(axis=-1, epsilon=epsilon, momentum=momentum, name=name)
+    return layers.BatchNormalization(axis=-1, epsilon=epsilon, momentum=momentum, name=name)
 
 
 def _conv(x, filters, kernel, stride=1, dilation=1, padding="same", use_bias=True, name=None):
@@ -153,9 +150,7 @@ def _conv(x, filters, kernel, stride=1, dilation=1, padding="same", use_bias=Tru
     )
     if filters is None:
         return layers.DepthwiseConv2D(kernel, **options)(x)
-    # Dilated: oneDNN's native dilated conv, not TF's SpaceToBatch form (same results).
-    conv = DilatedConv2D if dilation > 1 else layers.Conv2D
-    return conv(filters, kernel, **options)(x)
+    return layers.Conv2D(filters, kernel, **options)(x)
 
 
 def _bottleneck(x, filters, stride, dilation, name, variant=RESNET_VARIANT):

@@ -64,18 +64,22 @@ def timed(fn):
 
 
 def build_case(kind, backbone, batch, size, precision="fp32"):
-    """One case's model and step; returns ``(model, step, conv FLOPs per image and step)``.
+    """One case's model and step.
 
-    ``infer``: a forward pass (``training=False``) in a ``tf.function``. ``train``: one
-    ``train_on_batch`` of the model with the aux head, CE + 0.4 x aux CE, SGD momentum;
-    its FLOPs count as 3x the forward pass (forward, input and weight gradients).
+    ``infer``: a forward pass (``training=False``) of the copy prediction and evaluation
+    run (:func:`pspnet_tf.autotune.for_inference`) in a ``tf.function``. ``train``: one
+    ``train_on_batch`` of the model with the aux head, CE + 0.4 x aux CE, SGD momentum,
+    with the training kernels chosen here (:func:`pspnet_tf.autotune.for_training`); its
+    FLOPs count as 3x the forward pass (forward, input and weight gradients).
+
+    Returns:
+        ``(model, step, conv FLOPs per image and step, what the kernel choice said)``.
     """
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from pspnet_tf import build_pspnet
-    from pspnet_tf.optimize import optimize_for_inference
+    from pspnet_tf import autotune, build_pspnet
 
     if precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -83,10 +87,10 @@ def build_case(kind, backbone, batch, size, precision="fp32"):
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)), tf.float32)
     model = build_pspnet(NUM_CLASSES, backbone, (size, size, 3), aux_head=kind == "train")
     flops = conv_flops(model)
-    if kind == "infer":  # the graph predict, evaluate and export run (BatchNorm folded, ...)
-        fast = optimize_for_inference(model)
+    if kind == "infer":  # the graph predict and evaluate run (BatchNorm folded, ...)
+        fast, report = autotune.for_inference(model, sample_shape=images.shape)
         forward = tf.function(lambda x: fast(x, training=False))
-        return model, (lambda: forward(images).numpy()), flops
+        return model, (lambda: forward(images).numpy()), flops, report.summary()
     labels = tf.constant(rng.integers(0, NUM_CLASSES, (batch, size, size)), tf.int32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255)
     model.compile(
@@ -94,19 +98,23 @@ def build_case(kind, backbone, batch, size, precision="fp32"):
         loss={"main": loss, "aux": loss},
         loss_weights={"main": 1.0, "aux": 0.4},
     )
+    report = autotune.for_training(model, batch_size=batch)
     targets = {"main": labels, "aux": labels}
-    return model, (lambda: model.train_on_batch(images, targets)), 3 * flops
+    return model, (lambda: model.train_on_batch(images, targets)), 3 * flops, report.summary()
 
 
 def run_case(kind, backbone, batch, size, precision="fp32", runs=10, warmup=2):
     """Times one case in this process; returns a JSON-ready dict."""
-    _, step, flops = build_case(kind, backbone, batch, size, precision)
+    from pspnet_tf import machine
+
+    _, step, flops, kernels = build_case(kind, backbone, batch, size, precision)
     for _ in range(warmup):
         step()
     return {
         "kind": kind, "backbone": backbone, "batch": batch, "size": size,
         "precision": precision, "times": [timed(step) for _ in range(runs)],
         "flops_per_image": flops, "peak_rss_mb": peak_rss_mb(),
+        "kernels": kernels, "machine": machine.describe(),
     }  # fmt: skip
 
 
@@ -144,26 +152,33 @@ def summarise(result, peaks):
         "images_per_s": result["batch"] / median,
         "gflop_per_image": result["flops_per_image"] / 1e9 / passes,
         "achieved_gflops": achieved, "fraction_of_peak": achieved / peak,
-        "peak_rss_mb": result["peak_rss_mb"],
+        "peak_rss_mb": result["peak_rss_mb"], "kernels": result["kernels"],
+        "machine": result["machine"],
     }  # fmt: skip
 
 
 def format_table(rows, peaks):
-    """The benchmark table as text."""
+    """The benchmark table as text: the machine, the timings, the kernels each case ran."""
     lines = [
+        *sorted({f"machine: {r['machine']}" for r in rows}),
         f"matmul peak (measured): fp32 {peaks['float32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         f"{'case':<34} {'median':>8} {'min-max (ms)':>14} {'img/s':>7} {'GFLOP/img':>9} "
         f"{'GFLOP/s':>8} {'peak':>5} {'RSS MB':>7}",
     ]
     for r in rows:
-        case = f"{r['backbone']} {r['kind']} {r['size']} b{r['batch']} {r['precision']}"
+        case = _case(r)
         lines.append(
             f"{case:<34} {r['median_s'] * 1000:>6.0f}ms {r['min_s'] * 1000:>6.0f}-"
             f"{r['max_s'] * 1000:<7.0f} {r['images_per_s']:>7.2f} {r['gflop_per_image']:>9.1f} "
             f"{r['achieved_gflops']:>8.0f} {r['fraction_of_peak']:>5.0%} {r['peak_rss_mb']:>7.0f}"
         )
+    lines += [f"  {_case(r)}: {r['kernels']}" for r in rows]
     return "\n".join(lines)
+
+
+def _case(r):
+    return f"{r['backbone']} {r['kind']} {r['size']} b{r['batch']} {r['precision']}"
 
 
 def measure_peaks(threads):
@@ -216,7 +231,7 @@ def run(args):
                     ["case", kind, backbone, batch, size, precision, runs], args.threads
                 )
                 rows.append(summarise(result, peaks))
-                print(format_table(rows[-1:], peaks).splitlines()[-1], flush=True)
+                print(format_table(rows[-1:], peaks).splitlines()[-2], flush=True)
     print(format_table(rows, peaks))
     if args.json:
         write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})

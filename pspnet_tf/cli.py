@@ -1,7 +1,13 @@
 """The ``pspnet-tf`` command line (also ``python -m pspnet_tf``).
 
-Each subcommand is a small function taking the parsed arguments; heavy imports
-(TensorFlow) happen inside them so that ``--help`` is instant.
+Each subcommand is a small function taking the parsed arguments; its imports happen
+inside it. ``import pspnet_tf`` (which runs before this module) chooses TensorFlow's
+start-up settings and, for the command line, silences TensorFlow's start-up log lines
+(:func:`pspnet_tf.machine.prepare_tensorflow`).
+
+Environment: ``PSPNET_TF_KERNELS`` (``auto``, ``probe``, ``off`` or ``NAME=on|off,...``)
+chooses the run-time kernels (:mod:`pspnet_tf.autotune`); ``TF_ENABLE_ONEDNN_OPTS``
+(0 or 1) decides oneDNN yourself.
 """
 
 from __future__ import annotations
@@ -242,7 +248,12 @@ def _demo(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="pspnet-tf", description="PSPNet for Keras 3 / TensorFlow."
+        prog="pspnet-tf",
+        description="PSPNet for Keras 3 / TensorFlow.",
+        epilog="Environment: PSPNET_TF_KERNELS=auto|probe|off|NAME=on|off,... chooses the "
+        "run-time kernels (auto: those that run here and win a timed trial, cached in "
+        "~/.cache/pspnet_tf); TF_ENABLE_ONEDNN_OPTS=0|1 decides oneDNN (pspnet-tf turns "
+        "it on where TensorFlow would leave it off).",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
@@ -378,9 +389,27 @@ def build_parser():
     return parser
 
 
+def _log_to_stderr():
+    """The library's INFO lines (oneDNN choice, kernels chosen) as ``pspnet-tf: ...``."""
+    import logging
+
+    from pspnet_tf import machine
+
+    log = logging.getLogger("pspnet_tf")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pspnet-tf: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    for note in machine.startup_notes():  # said at import, before this handler existed
+        log.info(note)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    _log_to_stderr()
     if args.version:
         from pspnet_tf import __version__
 

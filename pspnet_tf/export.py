@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf.inference import as_predictor
+from pspnet_tf.inference_copy import fold_batch_norm, resolve_precision
 from pspnet_tf.model import get_metadata, inference_model, rebuild
-from pspnet_tf.optimize import optimize_for_inference, resolve_precision
 from pspnet_tf.predict import atomic_path
 
 SIGNATURE = "serving_default"
@@ -133,11 +133,9 @@ def export_saved_model(model, path, precision=None):
         ``path``. Load with ``tf.saved_model.load(path)`` and call
         ``loaded.serving_default(images)`` or ``loaded.signatures["serving_default"]``.
     """
-    # BatchNorm folded (portable: plain ops); native dilated depthwise convs only run with
-    # oneDNN, so the exported graph keeps TF's portable form of them.
-    serving = optimize_for_inference(
-        serving_model(model), native_dilation=False, precision=precision
-    )
+    # BatchNorm folded: fewer ops, all of them standard, so the graph runs on any machine
+    # (the run-time kernels of pspnet_tf.autotune are for this process only).
+    serving = fold_batch_norm(serving_model(model), precision=precision)
     metadata = _metadata_json(serving, precision=resolve_precision(precision))
     with atomic_path(path) as temporary:
         _write_archive(serving, temporary, (None, None, None, 3), True, metadata)

@@ -29,8 +29,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pspnet_tf import autotune
+from pspnet_tf.inference_copy import resolve_precision
 from pspnet_tf.model import PREPROCESSING_LAYER, get_metadata, inference_model, rebuild
-from pspnet_tf.optimize import optimize_for_inference, resolve_precision
 
 MODES = ("single", "sliding", "multiscale")
 # Multi-scale testing of the paper and its reference code.
@@ -55,14 +56,17 @@ class Predictor:
         crop_size: ``(h, w)`` the model was built (trained) for, or None.
         class_names: list of str or None, from the model's metadata.
         palette: list of ``[r, g, b]`` or None, from the model's metadata.
-        fast: bool. Run a copy with BatchNorm folded into the convs and native
-            dilated depthwise convs (:func:`pspnet_tf.optimize.optimize_for_inference`;
-            same outputs to float32 rounding). Defaults to True.
+        fast: bool. Run the copy :func:`pspnet_tf.autotune.for_inference` chooses for
+            this machine (BatchNorm folded, the kernels that run here and win its timed
+            trial at the first batch's shape; same outputs to float32 rounding). False
+            runs the model's own graph. Defaults to True.
         precision: None (the model's own dtype policies), ``"float32"``,
             ``"bfloat16"``, ``"float16"`` or ``"mixed"`` (bfloat16 on CPUs, float16 on
             GPUs): the compute dtype of the copy that runs
-            (:data:`pspnet_tf.optimize.PRECISIONS`). Weights, input normalisation and
-            logits stay float32.
+            (:data:`pspnet_tf.inference_copy.PRECISIONS`). Weights, input normalisation
+            and logits stay float32.
+        kernels: str or None. ``"auto"``, ``"probe"``, ``"off"`` or ``"NAME=on|off,..."``
+            (see :mod:`pspnet_tf.autotune`); None reads ``PSPNET_TF_KERNELS``.
     """
 
     model: keras.Model
@@ -74,25 +78,32 @@ class Predictor:
     palette: list | None = None
     fast: bool = True
     precision: str | None = None
+    kernels: str | None = None
     _fn: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, images):
+        images = tf.convert_to_tensor(images, tf.float32)
         if self._fn is None:
             shape = (None, *(self.input_size or (None, None)), 3)
-            model = optimize_for_inference(self.model, precision=self.precision, fold=self.fast)
+            model, _ = autotune.for_inference(
+                self.model,
+                precision=self.precision,
+                kernels=self.kernels if self.fast else "off",
+                sample_shape=images.shape,
+            )
             self._fn = tf.function(
                 lambda x: model(x, training=False),
                 input_signature=[tf.TensorSpec(shape, tf.float32)],
             )
-        return self._fn(tf.convert_to_tensor(images, tf.float32)).numpy()
+        return self._fn(images).numpy()
 
 
-def as_predictor(model, fast=True, precision=None):
+def as_predictor(model, fast=True, precision=None, kernels=None):
     """Wraps a Keras segmentation model as a :class:`Predictor` (idempotent).
 
-    ``fast``, ``precision``: see :class:`Predictor` (``fast=False`` runs the model's own
-    graph). A :class:`Predictor` passed in comes back as it is, or as a copy with
-    ``precision`` if one is given that differs from its own.
+    ``fast``, ``precision``, ``kernels``: see :class:`Predictor` (``fast=False`` runs the
+    model's own graph). A :class:`Predictor` passed in comes back as it is, or as a copy
+    with ``precision`` or ``kernels`` where one is given that differs from its own.
 
     A PSPNet built for a fixed size is rebuilt for any size with the same bins
     and weights (:func:`pspnet_tf.rebuild`), and its auxiliary head dropped;
@@ -101,10 +112,12 @@ def as_predictor(model, fast=True, precision=None):
     logits (or a dict with ``"main"``) works as it is.
     """
     resolve_precision(precision)  # a bad value fails here, not at the first image
+    if kernels is not None:
+        autotune.parse_choice(kernels)
     if isinstance(model, Predictor):
-        if precision is None or precision == model.precision:
-            return model
-        return dataclasses.replace(model, precision=precision)
+        changes = {"precision": precision, "kernels": kernels}
+        changes = {k: v for k, v in changes.items() if v is not None and v != getattr(model, k)}
+        return dataclasses.replace(model, **changes) if changes else model
     if isinstance(model.output, dict):
         model = inference_model(model)
     try:
@@ -125,6 +138,7 @@ def as_predictor(model, fast=True, precision=None):
         palette=metadata.get("palette"),
         fast=fast,
         precision=precision,
+        kernels=kernels,
     )
 
 

@@ -36,7 +36,6 @@ from pspnet_tf.layers import (
     Preprocessing,
     ResizeLike,
 )
-from pspnet_tf.optimize import MATMUL_CONV_MIN_CHANNELS, FusedBatchNorm, MatmulConv2D
 
 # Pyramid bins by (square) input size: seed 000's kernel/stride table. At output
 # stride 8 the feature size divides by every bin (473 -> 60: kernels 60, 30, 20, 10).
@@ -97,10 +96,7 @@ def resolve_preprocessing(preprocessing, backbone):
 
 
 def _conv_bn_relu(x, filters, kernel_size, name, dilation=1):
-    # The PSP bottleneck (4096 inputs with ResNets) runs as matmuls per tap on CPUs, in
-    # training too: same weights and results, 1.4x faster forward and backward.
-    wide = x.shape[-1] >= MATMUL_CONV_MIN_CHANNELS and kernel_size > 1
-    x = (MatmulConv2D if wide else layers.Conv2D)(
+    x = layers.Conv2D(
         filters,
         kernel_size,
         padding="same",
@@ -109,7 +105,7 @@ def _conv_bn_relu(x, filters, kernel_size, name, dilation=1):
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = FusedBatchNorm(epsilon=1e-5, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 

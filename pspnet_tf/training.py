@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 import yaml
 
-from pspnet_tf import distributed
+from pspnet_tf import autotune, distributed
 from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
 from pspnet_tf.callbacks import HEAD_PREFIXES, make_callbacks
@@ -48,6 +48,7 @@ def compile_for_training(
     aux_weight=0.4,
     optimizer="sgd",
     jit_compile=False,
+    kernels=None,
 ):
     """Compiles ``model`` with the paper's recipe; call it inside the strategy scope.
 
@@ -71,6 +72,12 @@ def compile_for_training(
             ``head_lr_multiplier`` do not apply), which trains from scratch in far
             fewer steps. Defaults to ``"sgd"``.
         jit_compile: bool. XLA (fails with MirroredStrategy). Defaults to False.
+        kernels: str or None. The faster training kernels installed on ``model``'s
+            layers in this process where they run and win a timed trial
+            (:func:`pspnet_tf.autotune.for_training`): ``"auto"``, ``"probe"``,
+            ``"off"`` or ``"NAME=on|off,..."``; None reads ``PSPNET_TF_KERNELS``. Same
+            results either way; saved files hold the standard layers. Under XLA
+            (``jit_compile=True``) none are installed: XLA compiles its own.
 
     Returns:
         ``model``, compiled, with its optimizer built for every trainable variable
@@ -96,6 +103,7 @@ def compile_for_training(
     else:
         model.compile(optimizer=optimizer, loss=make(), metrics=metrics, jit_compile=jit_compile)
     model.optimizer.build(model.trainable_variables)
+    autotune.for_training(model, kernels="off" if jit_compile else kernels)
     return model
 
 

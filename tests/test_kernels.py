@@ -1,25 +1,26 @@
-"""Inference graph optimisations keep the outputs: BatchNorm folding, native dilated depthwise."""
+"""Each run-time kernel computes what the Keras layer it replaces computes.
+
+Outputs against numpy (a direct loop over taps, batch statistics), gradients and moving
+statistics against the layer's own call. A kernel that does not run on this machine
+(TF's CPU kernels without oneDNN reject dilation) is skipped here; test_autotune checks
+that such a kernel is never chosen.
+"""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import randomize_batch_norm, randomize_weights
 
-from pspnet_tf import build_pspnet, rebuild
-from pspnet_tf.inference import as_predictor
-from pspnet_tf.optimize import (
-    DilatedConv2D,
-    DilatedDepthwiseConv2D,
-    FoldedBatchNorm,
-    FusedBatchNorm,
-    MatmulConv2D,
-    fold_batch_norm,
-    onednn_enabled,
-    optimize_for_inference,
-)
-from pspnet_tf.predict import predict_image
-from pspnet_tf.training import dtype_policy
+from pspnet_tf import autotune, kernels
+
+
+def _with_kernel(layer, name, training=False):
+    """``layer`` running kernel ``name`` (skips the test where it does not run here)."""
+    ok, why = autotune.probe(name, training)
+    if not ok:
+        pytest.skip(f"{name} does not run on this machine: {why}")
+    kernels.install(layer, next(k for k in kernels.KERNELS if k.name == name))
+    return layer
 
 
 def _numpy_dilated_depthwise(x, kernel, dilation, padding):
@@ -40,22 +41,24 @@ def _numpy_dilated_depthwise(x, kernel, dilation, padding):
 
 @pytest.mark.parametrize("dilation, padding, size", [(2, "same", (9, 12)), (4, "valid", (13, 11))])
 def test_native_dilated_depthwise_equals_a_direct_computation(rng, dilation, padding, size):
-    layer = DilatedDepthwiseConv2D(3, dilation_rate=dilation, padding=padding, use_bias=True)
+    layer = keras.layers.DepthwiseConv2D(3, dilation_rate=dilation, padding=padding)
     x = rng.normal(size=(2, *size, 5)).astype("float32")
     layer.build(x.shape)
+    _with_kernel(layer, "native_dilated_depthwise")
     kernel = rng.normal(size=(3, 3, 5, 1)).astype("float32")
     bias = rng.normal(size=(5,)).astype("float32")
     layer.set_weights([kernel, bias])
     expected = _numpy_dilated_depthwise(x.astype(np.float64), kernel, dilation, padding) + bias
     np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer(x, training=True).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert kernels.installed(layer) == "native_dilated_depthwise"
 
 
 @pytest.mark.parametrize("dilation, size", [(1, (7, 9)), (2, (8, 5))])
 def test_matmul_conv_equals_a_direct_computation(rng, dilation, size):
-    layer = MatmulConv2D(4, 3, padding="same", dilation_rate=dilation)
+    layer = keras.layers.Conv2D(4, 3, padding="same", dilation_rate=dilation)
     x = rng.normal(size=(2, *size, 6)).astype("float32")
     layer.build(x.shape)
+    _with_kernel(layer, "tap_conv", training=True)
     kernel = rng.normal(size=(3, 3, 6, 4)).astype("float32")
     bias = rng.normal(size=(4,)).astype("float32")
     layer.set_weights([kernel, bias])
@@ -105,10 +108,12 @@ def test_matmul_conv_gradients_equal_keras_conv(rng, dilation, kernel_size, size
     kernel = rng.normal(size=(kernel_size, kernel_size, 6, 4)).astype("float32")
     bias = rng.normal(size=(4,)).astype("float32")
     results = []
-    for cls in (keras.layers.Conv2D, MatmulConv2D):
-        layer = cls(4, kernel_size, padding="same", dilation_rate=dilation)
+    for kernel_name in (None, "tap_conv"):
+        layer = keras.layers.Conv2D(4, kernel_size, padding="same", dilation_rate=dilation)
         layer.build(x.shape)
         layer.set_weights([kernel, bias])
+        if kernel_name:
+            _with_kernel(layer, kernel_name, training=True)
         results.append(_outputs_and_gradients(layer, x, upstream, graph)[1:])  # gradients only
     for ours, keras_grad in zip(results[1], results[0], strict=True):
         np.testing.assert_allclose(ours.numpy(), keras_grad.numpy(), rtol=1e-4, atol=1e-4)
@@ -127,13 +132,11 @@ def test_dilated_conv_equals_keras_conv_with_gradients(rng, dilation, padding, s
         rng.normal(size=(3, 3, 5, 4)).astype("float32"),
         rng.normal(size=4).astype("float32"),
     ]
-    layers = [
-        cls(4, 3, padding=padding, dilation_rate=dilation)
-        for cls in (keras.layers.Conv2D, DilatedConv2D)
-    ]
+    layers = [keras.layers.Conv2D(4, 3, padding=padding, dilation_rate=dilation) for _ in "ab"]
     for layer in layers:
         layer.build(x.shape)
         layer.set_weights(weights)
+    _with_kernel(layers[1], "native_dilated_conv", training=True)
     upstream = tf.constant(rng.normal(size=layers[0].compute_output_shape(x.shape)), tf.float32)
     keras_results, our_results = (
         _outputs_and_gradients(layer, x, upstream, graph) for layer in layers
@@ -142,32 +145,28 @@ def test_dilated_conv_equals_keras_conv_with_gradients(rng, dilation, padding, s
         np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_matmul_conv_without_onednn_is_keras_conv(rng, monkeypatch):
-    layer = MatmulConv2D(3, 3, padding="same")
-    x = rng.normal(size=(1, 5, 6, 4)).astype("float32")
-    expected = layer(x).numpy()  # taps where oneDNN runs (x86 CI), Keras' conv elsewhere
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    reference = keras.layers.Conv2D.call(layer, tf.constant(x)).numpy()
-    np.testing.assert_allclose(layer(x).numpy(), reference, rtol=1e-6)
-    np.testing.assert_allclose(expected, reference, rtol=1e-5, atol=1e-5)
-
-
-def test_dilated_conv_without_onednn_is_keras_conv(rng, monkeypatch):
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    layer = DilatedConv2D(3, 3, padding="same", dilation_rate=2)
-    x = tf.constant(rng.normal(size=(1, 7, 6, 4)).astype("float32"))
-    np.testing.assert_array_equal(layer(x).numpy(), keras.layers.Conv2D.call(layer, x).numpy())
-
-
-def test_resnet_dilated_convs_are_native_except_in_export_copies():
-    model = build_pspnet(3, "resnet50", (64, 64, 3))
-    dilated = [
-        layer.name for layer in model.layers if max(getattr(layer, "dilation_rate", (1,))) > 1
-    ]
-    assert dilated and all(isinstance(model.get_layer(n), DilatedConv2D) for n in dilated)
-    portable = fold_batch_norm(model, native_dilation=False)
-    assert not any(isinstance(layer, DilatedConv2D) for layer in portable.layers)
-    assert all(type(portable.get_layer(n)) is keras.layers.Conv2D for n in dilated)
+def test_installed_kernels_are_not_saved(tmp_path, rng):
+    """A model running kernels saves (and clones) as the standard layers it is made of."""
+    inputs = keras.Input((None, None, 4))
+    x = keras.layers.Conv2D(3, 3, padding="same", dilation_rate=2, name="conv")(inputs)
+    outputs = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, outputs)
+    _with_kernel(model.get_layer("conv"), "native_dilated_conv")
+    _with_kernel(model.get_layer("bn"), "fused_batch_norm", training=True)
+    x = rng.normal(size=(1, 9, 7, 4)).astype("float32")
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    for copy in (keras.models.load_model(path), keras.models.clone_model(model)):
+        copy.set_weights(model.get_weights())
+        assert [type(la) for la in copy.layers[1:]] == [
+            keras.layers.Conv2D,
+            keras.layers.BatchNormalization,
+        ]
+        assert not any(kernels.installed(la) for la in copy.layers)
+        np.testing.assert_allclose(copy(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    kernels.uninstall(model.get_layer("conv"))
+    assert kernels.installed(model.get_layer("conv")) is None
+    assert "call" not in vars(model.get_layer("conv"))
 
 
 def _batch_norm_run(layer, x, upstream, graph, **call):
@@ -186,13 +185,11 @@ def _batch_norm_pair(rng, shape, **options):
     gamma, beta = rng.uniform(0.5, 1.5, shape[-1]), rng.normal(size=shape[-1])
     mean, variance = rng.normal(size=shape[-1]), rng.uniform(0.5, 2, shape[-1])
     weights = [w.astype("float32") for w in (gamma, beta, mean, variance)]
-    pair = [
-        cls(momentum=0.9, epsilon=1e-3, **options)
-        for cls in (keras.layers.BatchNormalization, FusedBatchNorm)
-    ]
+    pair = [keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, **options) for _ in "ab"]
     for layer in pair:
         layer.build(shape)
         layer.set_weights(weights + layer.get_weights()[4:])  # renorm has 3 more
+    _with_kernel(pair[1], "fused_batch_norm", training=True)
     return pair, weights
 
 
@@ -253,125 +250,3 @@ def test_fused_batch_norm_runs_keras_call_where_it_does_not_apply(rng, case):
     for ours, reference in zip(out + weights, keras_out + keras_weights, strict=True):
         np.testing.assert_array_equal(ours, reference)
     assert _fused_op_count(pair[1], x, **call) == 0
-
-
-@pytest.mark.parametrize("backbone, alpha", [("resnet50", 1.0), ("mobilenetv2", 0.35)])
-def test_models_are_built_with_fused_batch_norm(backbone, alpha):
-    model = build_pspnet(3, backbone, (64, 64, 3), aux_head=True, alpha=alpha)
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    assert norms and all(isinstance(layer, FusedBatchNorm) for layer in norms)
-
-
-def _relative_error(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.mark.parametrize("backbone, size, alpha", [("mobilenetv2", 64, 0.35), ("resnet50", 48, 1)])
-def test_folded_model_gives_the_same_logits(tmp_path, rng, backbone, size, alpha):
-    model = build_pspnet(5, backbone, (size, size, 3), alpha=alpha, aux_head=False)
-    randomize_weights(model, seed=3)
-    model = rebuild(model, input_shape=(None, None, 3))  # how predict and export use it
-    fast = fold_batch_norm(model)
-    batch_norms = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
-    identities = [la for la in fast.layers if isinstance(la, FoldedBatchNorm)]
-    assert batch_norms and len(identities) == len(batch_norms)  # every BN follows a conv
-    assert not any(isinstance(la, keras.layers.BatchNormalization) for la in fast.layers)
-    dilated = [
-        la
-        for la in model.layers
-        if isinstance(la, keras.layers.DepthwiseConv2D) and max(la.dilation_rate) > 1
-    ]
-    assert len(dilated) == (11 if backbone == "mobilenetv2" else 0)  # blocks 6-16 at os 8
-    depthwise = [la for la in fast.layers if isinstance(la, keras.layers.DepthwiseConv2D)]
-    assert all(isinstance(la, DilatedDepthwiseConv2D) for la in depthwise)
-    matmul = [la.name for la in fast.layers if isinstance(la, MatmulConv2D)]
-    assert matmul == (["main_head_conv"] if backbone == "resnet50" else [])  # 4096 inputs
-    for shape in ((1, size, size, 3), (2, 50, 70, 3)):
-        images = rng.uniform(0, 255, shape).astype("float32")
-        reference = model(images, training=False).numpy()
-        assert _relative_error(fast(images, training=False).numpy(), reference) < 1e-4
-    path = str(tmp_path / "fast.keras")
-    fast.save(path)
-    loaded = keras.models.load_model(path)
-    images = rng.uniform(0, 255, (1, 40, 56, 3)).astype("float32")
-    np.testing.assert_allclose(loaded(images).numpy(), fast(images).numpy(), rtol=1e-5, atol=1e-5)
-
-
-def test_onednn_switch_is_read_from_the_environment(monkeypatch):
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-    assert not onednn_enabled()
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    model = build_pspnet(5, "mobilenetv2", (None, None, 3), alpha=0.35, aux_head=False)
-    return randomize_batch_norm(model, seed=4)
-
-
-def test_reduced_precision_copy_computes_as_a_model_built_under_keras_mixed_policy(
-    small_model, rng
-):
-    with dtype_policy("mixed_bfloat16"):  # how training builds a bf16 model
-        mixed = build_pspnet(5, "mobilenetv2", (None, None, 3), alpha=0.35, aux_head=False)
-    mixed.set_weights(small_model.get_weights())
-    copy = optimize_for_inference(small_model, precision="bfloat16", fold=False)
-
-    def policies(model):  # input layers only pass float32 pixels on
-        return {
-            layer.name: layer.dtype_policy.name
-            for layer in model.layers
-            if not isinstance(layer, keras.layers.InputLayer)
-        }
-
-    assert policies(copy) == policies(mixed)
-    # Raw pixels are normalised and logits returned in float32; the network in between
-    # computes in bfloat16 with float32 weights.
-    policies = policies(copy)
-    assert copy.inputs[0].dtype == "float32"
-    assert policies["preprocessing"] == policies["main"] == "float32"
-    assert policies["Conv1"] == policies["main_head_conv"] == "mixed_bfloat16"
-    assert all(w.dtype == "float32" for w in copy.weights)
-    images = rng.uniform(0, 255, (2, 45, 61, 3)).astype("float32")
-    out = copy(images, training=False)
-    assert out.dtype == "float32"
-    np.testing.assert_array_equal(out.numpy(), mixed(images, training=False).numpy())
-    reference = small_model(images, training=False).numpy()
-    # bfloat16 keeps 8 significant bits (relative rounding 2^-9 per op): close, not equal.
-    assert 1e-4 < _relative_error(out.numpy(), reference) < 0.05
-
-
-def test_folded_bfloat16_model_stays_close_to_float32(small_model, rng):
-    fast = optimize_for_inference(small_model, precision="bfloat16")
-    assert any(isinstance(layer, FoldedBatchNorm) for layer in fast.layers)
-    convs = [la for la in fast.layers if isinstance(la, keras.layers.Conv2D | FoldedBatchNorm)]
-    assert {la.dtype_policy.compute_dtype for la in convs} == {"bfloat16"}
-    images = rng.uniform(0, 255, (1, 64, 64, 3)).astype("float32")
-    reference = small_model(images, training=False).numpy()
-    assert _relative_error(fast(images, training=False).numpy(), reference) < 0.05
-    # float32 asked of a model built under the mixed policy: computes in float32 again.
-    back = optimize_for_inference(fast, precision="float32", fold=False)
-    assert {la.dtype_policy.name for la in back.layers} == {"float32"}
-
-
-def test_predictor_precision(small_model, rng):
-    predictor = as_predictor(small_model, precision="bfloat16")
-    assert predictor.precision == "bfloat16"
-    assert as_predictor(predictor) is predictor
-    assert as_predictor(predictor, precision="bfloat16") is predictor
-    again = as_predictor(predictor, precision="float32")
-    assert again.precision == "float32" and again.model is predictor.model
-    images = rng.uniform(0, 255, (1, 40, 52, 3)).astype("float32")
-    reference = as_predictor(small_model, fast=False)(images)
-    np.testing.assert_allclose(
-        again(images), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()
-    )
-    assert _relative_error(predictor(images), reference) < 0.05
-    slow = as_predictor(small_model, fast=False, precision="bfloat16")
-    assert _relative_error(slow(images), reference) < 0.05
-    with pytest.raises(ValueError, match="precision must be one of .*'bf16'"):
-        as_predictor(small_model, precision="bf16")
-    # The one-image API takes it too, and runs the same bfloat16 graph.
-    image = images[0].astype("uint8")
-    labels = predict_image(small_model, image, precision="bfloat16")
-    np.testing.assert_array_equal(labels, predictor(image[None].astype("float32"))[0].argmax(-1))
-    assert np.mean(labels == reference[0].argmax(-1)) > 0.9
