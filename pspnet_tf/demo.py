@@ -50,8 +50,10 @@ SETTINGS = {
     "quick": {
         "dataset": {"num_train": 64, "num_val": 16, "size": 320, "seed": 0, "difficulty": 0.0,
                     "shapes": "small"},
+        # 13 epochs: after 10 the curve was still steep, and the run with oneDNN off (the
+        # same loss) read 0.24-0.26 val mIoU where the oneDNN run read 0.38; 13 gave 0.42.
         "train": {
-            **_RECIPE, "batch_size": 4, "epochs": 10, "warmup_steps": 8, "learning_rate": 0.01,
+            **_RECIPE, "batch_size": 4, "epochs": 13, "warmup_steps": 8, "learning_rate": 0.01,
         },
         "sliding_crop": 224,
     },

@@ -158,7 +158,9 @@ def _tap_conv_applies(layer):
         and kh % 2 == 1
         and kw % 2 == 1
         and max(kh, kw) > 1
-        and len(set(layer.dilation_rate)) == 1
+        # Dilated, its input gradient is a dilated transposed conv, which TF's own CPU
+        # kernels reject; the PSP bottleneck it is for is not dilated.
+        and tuple(layer.dilation_rate) == (1, 1)
         and layer.input.shape[-1] >= TAP_CONV_MIN_CHANNELS
     )
 
