@@ -102,17 +102,19 @@ def parse_choice(kernels=None):
 # ---------------------------------------------------------------- probes
 
 
-def _probe_case(name):
+def _probe_case(name, dtype):
     """A tiny layer, input shape and call arguments the kernel ``name`` computes."""
     layers = keras.layers
     if name == "fused_batch_norm":
-        return layers.BatchNormalization(), (2, 4, 5, 3), {"training": True}
+        return layers.BatchNormalization(dtype=dtype), (2, 4, 5, 3), {"training": True}
     if name == "native_dilated_conv":
-        return layers.Conv2D(2, 3, padding="same", dilation_rate=2), (1, 7, 6, 3), {}
+        conv = layers.Conv2D(2, 3, padding="same", dilation_rate=2, dtype=dtype)
+        return conv, (1, 7, 6, 3), {}
     if name == "native_dilated_depthwise":
-        return layers.DepthwiseConv2D(3, padding="same", dilation_rate=2), (1, 7, 6, 3), {}
+        conv = layers.DepthwiseConv2D(3, padding="same", dilation_rate=2, dtype=dtype)
+        return conv, (1, 7, 6, 3), {}
     if name == "tap_conv":
-        return layers.Conv2D(2, 3, padding="same"), (1, 5, 6, 4), {}
+        return layers.Conv2D(2, 3, padding="same", dtype=dtype), (1, 5, 6, 4), {}
     raise ValueError(f"no probe for kernel {name!r}")
 
 
@@ -140,15 +142,22 @@ def _outputs_and_gradients(layer, x, gradients, **kwargs):
 
 
 @functools.cache
-def probe(name, training):
+def probe(name, training, dtype="float32"):
     """Whether kernel ``name`` runs here and matches the layer's own call (and gradients).
+
+    Args:
+        name: str. One of :data:`pspnet_tf.kernels.KERNEL_NAMES`.
+        training: bool. Also run and compare the gradients.
+        dtype: str. The layers' dtype policy (``"mixed_bfloat16"`` computes in bfloat16,
+            compared to 2e-2 instead of 1e-4).
 
     Returns:
         ``(ok, reason)``: bool, and a short reason where it is False.
     """
     kernel = _kernel(name)
+    tolerance = 1e-4 if dtype in ("float32", "float64") else 2e-2
     try:
-        layer, shape, kwargs = _probe_case(name)
+        layer, shape, kwargs = _probe_case(name, dtype)
         fast, own = _twins(layer, kernel, shape)
         x = tf.random.stateless_normal(shape, seed=[1, 2])
         with _quiet_tracing():
@@ -158,7 +167,8 @@ def probe(name, training):
             ]
         for ours, reference in zip(*results, strict=True):
             ours, reference = ours.numpy(), reference.numpy()
-            if not np.allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max()):
+            scale = tolerance * np.abs(reference).max()
+            if not np.allclose(ours, reference, rtol=tolerance, atol=scale):
                 return False, "results differ from the layer's own call"
     except Exception as error:  # noqa: BLE001  (any failure means: not on this device)
         return False, _reason(error)
@@ -347,12 +357,17 @@ def _all_layers(model):
 
 
 def _input_shapes(model, layers, sample_shape):
-    """``{layer name: input shape}`` for a model input of ``sample_shape``."""
+    """``{layer name: input shape}`` for a model input of ``sample_shape``, or None where
+    the layers are not reachable from the model's inputs (nested models)."""
     if not layers:
         return {}
-    spec = keras.Model(model.inputs, [layer.input for layer in layers]).compute_output_spec(
-        keras.KerasTensor(sample_shape, dtype=model.inputs[0].dtype)
-    )
+    try:
+        probe_model = keras.Model(model.inputs, [layer.input for layer in layers])
+        spec = probe_model.compute_output_spec(
+            keras.KerasTensor(sample_shape, dtype=model.inputs[0].dtype)
+        )
+    except (ValueError, TypeError, AttributeError):
+        return None
     spec = spec if isinstance(spec, (list, tuple)) else [spec]
     return {layer.name: tuple(s.shape) for layer, s in zip(layers, spec, strict=True)}
 
@@ -365,6 +380,10 @@ def _sample_shape(model, sample_shape, batch_size=1):
     if None in shape:  # an any-size model without a sample: a typical test image size
         shape = tuple(512 if d is None else d for d in shape)
     return (batch_size, *shape)
+
+
+def _policies(layers):
+    return sorted({layer.dtype_policy.name for layer in layers})
 
 
 def _choose(model, purpose, choice, sample_shape):
@@ -384,13 +403,18 @@ def _choose(model, purpose, choice, sample_shape):
         if choice.mode == "off" or forced is False:
             report.entries[kernel.name] = (0, len(candidates), "turned off")
             continue
-        ok, why = probe(kernel.name, training)
+        probes = [probe(kernel.name, training, p) for p in _policies(candidates)]
+        ok, why = next((result for result in probes if not result[0]), (True, ""))
         if not ok:
             report.entries[kernel.name] = (0, len(candidates), f"does not run here: {why}")
             continue
         keep, why = candidates, "not timed"
-        if choice.mode == "auto" and forced is None:
-            shapes = _input_shapes(model, candidates, sample_shape)
+        shapes = _input_shapes(model, candidates, sample_shape) if choice.mode == "auto" else {}
+        if tf.distribute.has_strategy():
+            why = "not timed inside a distribution strategy"  # trials would mirror variables
+        elif shapes is None:
+            why = "not timed: layer shapes unknown"
+        elif choice.mode == "auto" and forced is None:
             records = [_layer_trial(kernel, la, shapes[la.name], training) for la in candidates]
             keep = [la for la, r in zip(candidates, records, strict=True) if r["keep"]]
             kernel_ms = sum(r["kernel_ms"] for r in records)
@@ -475,10 +499,10 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
             0,
             f"{record['own_ms']:.0f} ms own graph, {record['kernel_ms']:.0f} ms with the kernels",
         )
-        if not record["keep"]:
-            return own, report
     log.info(report.summary())
-    return fast, report
+    return (
+        (fast, report) if "whole graph" not in report.entries or record["keep"] else (own, report)
+    )
 
 
 def _graph_trial(model, own, fast, shape, precision):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import randomize_batch_norm, randomize_weights
 
-from pspnet_tf import autotune, build_pspnet, inference_model, kernels, rebuild
+from pspnet_tf import autotune, build_pspnet, inference_model, kernels, machine, rebuild
 from pspnet_tf.training import compile_for_training
 
 SIZE, CLASSES = 64, 4
@@ -190,7 +190,9 @@ def test_inference_copy_with_kernels_gives_the_model_logits(backbone, rng):
 
 
 def test_every_probe_failing_leaves_training_and_inference_as_the_portable_graph(monkeypatch, rng):
-    monkeypatch.setattr(autotune, "probe", lambda name, training: (False, "forced to fail"))
+    monkeypatch.setattr(
+        autotune, "probe", lambda name, training, dtype="float32": (False, "forced to fail")
+    )
     fast_model, portable_model = _model("mobilenetv2"), _model("mobilenetv2")
     fast_loss, _, fast_weights = _train_step(fast_model, "auto")
     assert not any(kernels.installed(la) for la in fast_model.layers)
@@ -211,8 +213,8 @@ def test_every_probe_failing_leaves_training_and_inference_as_the_portable_graph
     assert _relative_error(fast(images, training=False).numpy(), reference) < 1e-4
 
 
-# The other process: oneDNN off (TF's default on AVX2-only CPUs, whose CPU kernels reject
-# dilation), given the files saved here with the kernels that ran here.
+# The other process: the other oneDNN setting (off is TF's default on AVX2-only CPUs, whose
+# own CPU kernels reject dilation), given the files saved here with the kernels chosen here.
 _OTHER_MACHINE = textwrap.dedent(
     """
     import sys, numpy as np, keras
@@ -220,7 +222,7 @@ _OTHER_MACHINE = textwrap.dedent(
     from pspnet_tf import export, machine
     from pspnet_tf.inference import as_predictor
     from pspnet_tf.training import compile_for_training
-    assert not machine.onednn_enabled()
+    assert machine.onednn_enabled() == (sys.argv[2] == "1")
     folder = sys.argv[1]
     data = np.load(folder + "/data.npz")
     for name in ("mobilenetv2", "resnet50", "legacy"):
@@ -243,7 +245,9 @@ _OTHER_MACHINE = textwrap.dedent(
 )
 
 
-def test_files_saved_with_fast_kernels_load_train_evaluate_and_export_without_onednn(tmp_path, rng):
+def test_saved_files_load_train_evaluate_and_export_with_the_other_onednn(tmp_path, rng):
+    """Saved here with the kernels chosen here (oneDNN on, in CI's first run on any x86
+    CPU), used in a process with oneDNN off; the other way round in CI's second run."""
     images, targets = _batch(seed=3, batch=1)
     images = np.round(images)  # uint8-exact, for the exported model's agreement
     saved = {}
@@ -265,9 +269,10 @@ def test_files_saved_with_fast_kernels_load_train_evaluate_and_export_without_on
     legacy.save(tmp_path / "legacy.keras")
     saved["legacy"] = legacy(images).numpy()
     np.savez(tmp_path / "data.npz", images=images, labels=targets["main"], **saved)
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PSPNET_TF_KERNELS="auto")
+    other = "0" if machine.onednn_enabled() else "1"
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=other, PSPNET_TF_KERNELS="auto")
     out = subprocess.run(
-        [sys.executable, "-c", _OTHER_MACHINE, str(tmp_path)],
+        [sys.executable, "-c", _OTHER_MACHINE, str(tmp_path), other],
         env=env,
         capture_output=True,
         text=True,
