@@ -409,12 +409,13 @@ def _choose(model, purpose, choice, sample_shape):
             report.entries[kernel.name] = (0, len(candidates), f"does not run here: {why}")
             continue
         keep, why = candidates, "not timed"
-        shapes = _input_shapes(model, candidates, sample_shape) if choice.mode == "auto" else {}
-        if tf.distribute.has_strategy():
+        timed = choice.mode == "auto" and forced is None
+        shapes = _input_shapes(model, candidates, sample_shape) if timed else {}
+        if timed and tf.distribute.has_strategy():
             why = "not timed inside a distribution strategy"  # trials would mirror variables
-        elif shapes is None:
+        elif timed and shapes is None:
             why = "not timed: layer shapes unknown"
-        elif choice.mode == "auto" and forced is None:
+        elif timed:
             records = [_layer_trial(kernel, la, shapes[la.name], training) for la in candidates]
             keep = [la for la, r in zip(candidates, records, strict=True) if r["keep"]]
             kernel_ms = sum(r["kernel_ms"] for r in records)
