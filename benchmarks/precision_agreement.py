@@ -84,7 +84,7 @@ def main(argv=None):
             f"{r['miou_' + args.precision]:>14.4f}"
         )
     if args.json:
-        from pspnet_tf.benchmark import write_json
+        from pspnet_tf.files import write_json
 
         write_json(args.json, {"model": args.model, "precision": args.precision, **results})
     return 0

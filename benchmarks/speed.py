@@ -29,6 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pspnet_tf import benchmark as bench  # noqa: E402
+from pspnet_tf.files import write_json  # noqa: E402
 
 
 def torch_case(keras_model, kind, backbone, batch, size, precision, threads):
@@ -182,7 +183,7 @@ def main(argv=None):
     for row in rows:
         print(f"  {row['case']}: {row['kernels']}")
     if args.json:
-        bench.write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
+        write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
     return 0
 
 

@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 
 import keras
@@ -49,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf import machine
+from pspnet_tf.files import write_text
 from pspnet_tf.inference_copy import inference_copy, resolve_precision
 from pspnet_tf.kernels import KERNEL_NAMES, KERNELS, install, installed, uninstall
 
@@ -249,11 +249,7 @@ def _store(key, record):
     _load_cache(path)[key] = record
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=os.path.dirname(path), prefix=".kernels.", suffix=".tmp", delete=False
-        ) as f:
-            json.dump(_memory[path], f, indent=1, sort_keys=True)
-        os.replace(f.name, path)
+        write_text(path, json.dumps(_memory[path], indent=1, sort_keys=True))
     except OSError as error:
         log.warning("cannot write the kernel trial cache %s (%s): kept in memory", path, error)
 

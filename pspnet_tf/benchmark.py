@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from pspnet_tf.files import write_json
+
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
 # (kind, batch, size): 473 batch-1 inference; training steps at 320 x 4 and 473 x 2.
 FULL_CASES = [("infer", 1, 473), ("train", 4, 320), ("train", 2, 473)]
@@ -242,13 +244,6 @@ def run(args):
     if args.json:
         write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
     return 0
-
-
-def write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

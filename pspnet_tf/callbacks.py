@@ -18,8 +18,8 @@ import time
 import keras
 import numpy as np
 
+from pspnet_tf.files import atomic_path
 from pspnet_tf.model import PREPROCESSING_LAYER, inference_model
-from pspnet_tf.predict import atomic_path
 
 # Layers that PSPNet adds on top of the backbone (see model.py's names).
 HEAD_PREFIXES = ("ppm_", "main_", "aux_")

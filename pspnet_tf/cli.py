@@ -199,6 +199,7 @@ def _convert(args):
     import os
     import warnings
 
+    from pspnet_tf.files import atomic_path
     from pspnet_tf.model import get_metadata
     from pspnet_tf.weights import convert_checkpoint
 
@@ -218,10 +219,8 @@ def _convert(args):
         print(f"pspnet-tf convert: error: {error}", file=sys.stderr)
         return 1
     output = os.path.abspath(args.output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    partial = os.path.join(os.path.dirname(output), f".partial.{os.path.basename(output)}")
-    model.save(partial)
-    os.replace(partial, output)  # nothing half-written under the final name
+    with atomic_path(output) as temporary:
+        model.save(temporary)
     meta = get_metadata(model)
     arch, pre = meta["architecture"], meta["architecture"]["preprocessing"]
     print(f"wrote {output}: {arch['backbone']}, {arch['num_classes']} classes, "

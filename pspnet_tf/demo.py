@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from pspnet_tf.files import write_json
+
 # The demo's settings: dataset, model and training recipe (printed in the summary). Trained
 # from scratch (nothing to download), so AdamW with the poly schedule, not the paper's SGD for
 # fine-tuning ImageNet weights; mild scale augmentation only, since the generated scenes
@@ -121,7 +123,7 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
         "saved_model_label_agreement": agreement,
         "paths": paths,
     }
-    _write_json(paths["summary"], summary)
+    write_json(paths["summary"], summary)
     _print_summary(summary)
     return summary
 
@@ -222,13 +224,6 @@ def _export_and_check(model, path, seed):
     if agreement < 0.999:
         raise RuntimeError(f"the SavedModel at {path} disagrees with Keras on {1 - agreement:.2%}")
     return agreement
-
-
-def _write_json(path, data):
-    from pspnet_tf.predict import atomic_path
-
-    with atomic_path(path) as temporary, open(temporary, "w") as file:
-        json.dump(data, file, indent=2)
 
 
 def _print_summary(summary):

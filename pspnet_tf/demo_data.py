@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -32,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from pspnet_tf.classes import IGNORE_LABEL, default_palette
+from pspnet_tf.files import atomic_path, write_json
 
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross")
 DEFAULT_DIFFICULTY = 0.5
@@ -312,19 +311,9 @@ def make_demo_dataset(
                 return root
     elif os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{root}: exists and is not a demo dataset; choose another folder")
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".demo-", dir=parent)
-    try:
+    with atomic_path(root) as staging:
         counts = {"train": int(num_train), "val": int(num_val)}
         scene = {"difficulty": float(difficulty), "shapes": shapes}
         _generate(staging, counts, (height, width), int(seed), scene, workers)
-        with open(os.path.join(staging, "demo.json"), "w") as file:
-            json.dump(info, file, indent=1)
-        if os.path.isdir(root):
-            shutil.rmtree(root)
-        os.rename(staging, root)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
+        write_json(os.path.join(staging, "demo.json"), info, indent=1)
     return root

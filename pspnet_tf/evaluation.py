@@ -9,7 +9,6 @@ and :func:`plot_confusion_matrix` draws its confusion matrix as a PNG.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -18,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf import classes
+from pspnet_tf.files import atomic_path, write_json
 from pspnet_tf.inference import MODES, SCALES, as_predictor, predict_scores, resize
 from pspnet_tf.metrics import confusion_matrix, scores_from_confusion
-from pspnet_tf.predict import atomic_path
 
 __all__ = [
     "BASE_SIZES",
@@ -171,10 +170,7 @@ def write_json_report(report, path):
             return [clean(v) for v in value]
         return value
 
-    with atomic_path(path) as temporary, open(temporary, "w") as f:
-        json.dump(clean(report), f, indent=2)
-        f.write("\n")
-    return os.fspath(path)
+    return write_json(path, clean(report))
 
 
 def resolve_class_names(num_classes, class_names=None, model=None):

@@ -31,10 +31,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pspnet_tf.files import atomic_path
 from pspnet_tf.inference import as_predictor
 from pspnet_tf.inference_copy import fold_batch_norm, resolve_precision
 from pspnet_tf.model import get_metadata, inference_model, rebuild
-from pspnet_tf.predict import atomic_path
 
 SIGNATURE = "serving_default"
 FORMATS = ("saved_model", "tflite", "onnx")

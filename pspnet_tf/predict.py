@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 
 import cv2
 import keras
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pspnet_tf import classes
+from pspnet_tf.files import atomic_path
 from pspnet_tf.inference import as_predictor, predict_scores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -409,28 +409,3 @@ def _video_writer(path, codec, fps, shape):
     if not writer.isOpened():
         raise ValueError(f"OpenCV cannot write a {codec} video to {path!r}")
     return writer
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path next to ``path``; renames it to ``path`` on success.
-
-    Nothing half-written is left behind: on an exception the temporary file
-    or directory is removed. The suffix is kept (writers that pick a format
-    from it still work). An existing directory at ``path`` is replaced.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    temporary = os.path.join(directory, f".{stem}.tmp{os.getpid()}{suffix}")
-    try:
-        yield temporary
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    finally:
-        if os.path.isdir(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif os.path.exists(temporary):
-            os.remove(temporary)

@@ -26,9 +26,9 @@ from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
 from pspnet_tf.callbacks import HEAD_PREFIXES, make_callbacks
 from pspnet_tf.classes import DATASETS, default_palette
+from pspnet_tf.files import atomic_path
 from pspnet_tf.model import build_pspnet, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
-from pspnet_tf.predict import atomic_path
 
 
 def compile_for_training(

@@ -21,6 +21,7 @@ import json
 import os
 
 from pspnet_tf.classes import DATASETS
+from pspnet_tf.files import atomic_path, write_text
 
 _SEMSEG_URL = "https://drive.google.com/open?id=15wx9vOM0euyizq-M1uINgN0_wjVRf9J3"
 _SEMSEG_TERMS = (
@@ -241,10 +242,8 @@ def fetch(name: str, cache: str | None = None) -> str:
             "sha256_verified": verified,
         },
     )
-    os.makedirs(cache, exist_ok=True)
-    partial = os.path.join(cache, f".{name}.partial.keras")
-    model.save(partial)
-    os.replace(partial, target)  # never a half-written model under the final name
+    with atomic_path(target) as temporary:
+        model.save(temporary)
     return target
 
 
@@ -323,7 +322,4 @@ def _check_recorded(entry, path, digest, cache):
         )
     if previous is None:
         known[entry["filename"]] = digest
-        partial = f"{record}.partial"
-        with open(partial, "w") as f:
-            json.dump(known, f, indent=1, sort_keys=True)
-        os.replace(partial, record)
+        write_text(record, json.dumps(known, indent=1, sort_keys=True))
