@@ -13,7 +13,14 @@ chooses the run-time kernels (:mod:`pspnet_tf.autotune`); ``TF_ENABLE_ONEDNN_OPT
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DEBUG_VARIABLE = "PSPNET_TF_DEBUG"
+
+
+class UsageError(ValueError):
+    """A bad command-line value (exit code 2); the message names the flag."""
 
 
 def _summary(args):
@@ -70,7 +77,7 @@ def _load_model(path):
     import pspnet_tf  # noqa: F401  (registers the custom layers)
 
     if not os.path.exists(path):
-        raise SystemExit(f"error: model {path!r}: no such file")
+        raise FileNotFoundError(f"model {path!r}: no such file")
     return keras.models.load_model(path, compile=False)
 
 
@@ -97,7 +104,7 @@ def _evaluate(args):
     num_classes = args.num_classes or predictor.num_classes
     base_size = args.base_size or BASE_SIZES.get(args.layout)
     if args.mode == "multiscale" and not base_size:
-        raise SystemExit("error: --mode multiscale with --layout list needs --base-size")
+        raise UsageError("--mode multiscale with --layout list needs --base-size")
     dataset = load_dataset(
         args.data, args.layout, args.split, num_classes, batch_size=1, list_file=args.list_file
     )
@@ -136,7 +143,7 @@ def _height_width(values):
     if not values:
         return None
     if len(values) > 2:
-        raise SystemExit(f"error: expected a size H or H W, got {values}")
+        raise UsageError(f"expected a size H or H W, got {values}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -167,12 +174,12 @@ def _export(args):
 
     model = _load_model(args.model)
     if args.precision and args.format != "saved_model":
-        raise SystemExit("error: --precision applies to --format saved_model only")
+        raise UsageError("--precision applies to --format saved_model only")
     if args.format == "saved_model":
         path = export.export_saved_model(model, args.output, precision=args.precision)
     elif args.format == "tflite":
         if not args.input_size:
-            raise SystemExit("error: --format tflite needs --input-size H [W]")
+            raise UsageError("--format tflite needs --input-size H [W]")
         path = export.export_tflite(
             model, args.output, _height_width(args.input_size), args.quantize
         )
@@ -187,11 +194,7 @@ def _train(args):
 
     # Only the flags given on the command line override the config file.
     overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
-    try:
-        train(args.config, **overrides)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        print(f"pspnet-tf train: error: {error}", file=sys.stderr)
-        return 1
+    train(args.config, **overrides)
     return 0
 
 
@@ -204,20 +207,16 @@ def _convert(args):
     from pspnet_tf.weights import convert_checkpoint
 
     size = args.input_size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the dropped tensors are printed below
-            model = convert_checkpoint(
-                args.source,
-                args.checkpoint,
-                input_shape=(size, size, 3) if size else (None, None, 3),
-                output_stride=args.output_stride,
-                aux_head=False if args.no_aux else None,
-                dataset=args.dataset,
-            )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"pspnet-tf convert: error: {error}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped tensors are printed below
+        model = convert_checkpoint(
+            args.source,
+            args.checkpoint,
+            input_shape=(size, size, 3) if size else (None, None, 3),
+            output_stride=args.output_stride,
+            aux_head=False if args.no_aux else None,
+            dataset=args.dataset,
+        )
     output = os.path.abspath(args.output)
     with atomic_path(output) as temporary:
         model.save(temporary)
@@ -255,6 +254,10 @@ def build_parser():
         "it on where TensorFlow would leave it off).",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the Python traceback of an error (or set {DEBUG_VARIABLE}=1)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("demo", help="the main job: train, evaluate and export on generated data")
@@ -417,7 +420,25 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:
+        # User errors (bad value, bad file, bad data) end in one line naming the flag or
+        # file; --debug keeps the traceback for a bug report.
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        code = 2 if isinstance(error, UsageError) else 1
+        print(f"pspnet-tf {args.command}: error: {_message(error)}", file=sys.stderr)
+        return code
+
+
+def _message(error):
+    """One line: the exception's own words (a FileNotFoundError's file name included)."""
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error):
+        text = f"{error.strerror or error}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

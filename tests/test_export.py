@@ -97,11 +97,17 @@ def test_saved_model_in_bfloat16(images, tmp_path):
         assert agreement > 0.97
 
 
-def test_cli_precision_is_for_saved_models_only(pixelwise_model, tmp_path):
+def test_cli_precision_is_for_saved_models_only(pixelwise_model, tmp_path, capsys):
     pixelwise_model(np.eye(3), np.zeros(3)).save(tmp_path / "m.keras")
     args = ["export", "--model", str(tmp_path / "m.keras"), "--output", str(tmp_path / "m.tflite")]
-    with pytest.raises(SystemExit, match="--precision applies to --format saved_model only"):
-        cli_main([*args, "--format", "tflite", "--input-size", "8", "--precision", "bfloat16"])
+    code = cli_main([*args, "--format", "tflite", "--input-size", "8", "--precision", "bfloat16"])
+    assert code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("pspnet-tf export: error: --precision applies to --format saved_model only")
+    )
+    assert not (tmp_path / "m.tflite").exists()
 
 
 BAD_INPUTS = {
