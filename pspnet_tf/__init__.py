@@ -11,13 +11,8 @@ from pspnet_tf import machine as _machine
 _machine.prepare_tensorflow()
 
 from pspnet_tf import layers  # noqa: E402, F401  (registers the custom layers for load_model)
-from pspnet_tf.model import (  # noqa: E402
-    build_pspnet,
-    get_metadata,
-    inference_model,
-    rebuild,
-    set_metadata,
-)
+from pspnet_tf.model import build_pspnet  # noqa: E402
+from pspnet_tf.network import get_metadata, inference_model, rebuild, set_metadata  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -22,10 +22,11 @@ import numbers
 import tensorflow as tf
 
 from pspnet_tf.classes import IGNORE_LABEL
+from pspnet_tf.layers import IMAGENET_MEAN
 
 # RGB mean pixel (ImageNet, 0-255): what padding is filled with, so that it normalises to
 # about zero whatever preprocessing the model applies.
-MEAN_PIXEL = (123.675, 116.28, 103.53)
+MEAN_PIXEL = IMAGENET_MEAN
 # Probabilities of the official PyTorch code (RandRotate p=0.5, RandomGaussianBlur 0.5,
 # RandomHorizontalFlip 0.5); its blur is cv2.GaussianBlur with a 5x5 kernel, whose sigma
 # for ksize 5 is 0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1.

@@ -49,8 +49,9 @@ import tensorflow as tf
 
 from pspnet_tf import machine
 from pspnet_tf.files import write_text
-from pspnet_tf.inference_copy import inference_copy, resolve_precision
+from pspnet_tf.inference_copy import inference_copy
 from pspnet_tf.kernels import KERNEL_NAMES, KERNELS, install, installed, uninstall
+from pspnet_tf.precision import resolve_precision
 
 log = logging.getLogger("pspnet_tf")
 
@@ -457,7 +458,7 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
     Args:
         model: a Keras model; functional and Sequential models get a copy, others come
             back as they are.
-        precision: one of :data:`pspnet_tf.inference_copy.PRECISIONS`.
+        precision: one of :data:`pspnet_tf.precision.PRECISIONS` or None.
         kernels: str or None. See the module docstring.
         sample_shape: ``(batch, h, w, 3)`` the trials time; defaults to the model's input
             shape (batch 1, 512 x 512 for any-size models).

@@ -26,7 +26,7 @@ defaults build the ``keras.applications``-compatible networks above.
   conv of a stage's first bottleneck carries the stride.
 - ``first_dilation``: ``"full"`` (every 3x3 of a dilated stage uses the stage's
   dilation) or ``"half"`` (the formerly strided first block keeps the previous
-  stage's dilation: the ``_nostride_dilate`` rule of seed 002's code).
+  stage's dilation: the ``_nostride_dilate`` rule of bubbliiiing/pspnet-pytorch).
 - ``padding``: ``"same"`` (TF), ``"symmetric"`` (PyTorch/Caffe: strided convs
   pad ``(k - 1) / 2`` on every side at every size, where TF's "same" pads only
   the bottom/right at even sizes) or ``"caffe"`` (symmetric, and the stem's
@@ -200,7 +200,8 @@ def resnet(x, depth="resnet50", output_stride=8, **variant):
     Args:
         x: 4-D input tensor ``(batch, height, width, 3)``, already normalised.
         depth: str. ``"resnet50"`` or ``"resnet101"``.
-        output_stride: int. 8 (conv4_x dilation 2, conv5_x dilation 4: seed 000),
+        output_stride: int. 8 (conv4_x dilation 2, conv5_x dilation 4: Zhao et al.
+            2017, Sec. 4.1),
             16 (conv5_x dilation 2) or 32 (no dilation).
         **variant: the options of :func:`resolve_variant` (``stem``,
             ``stride_in``, ``first_dilation``, ``padding``, ``bn_epsilon``,
@@ -280,8 +281,8 @@ def mobilenetv2(x, alpha=1.0, output_stride=8, **variant):
         x: 4-D input tensor ``(batch, height, width, 3)``, already normalised.
         alpha: float. Width multiplier (ImageNet weights exist for 0.35, 0.5,
             0.75, 1.0, 1.3 and 1.4).
-        output_stride: int. 8 (blocks 6-12 dilation 2, blocks 13-16 dilation 4:
-            seed 002), 16 (blocks 13-16 dilation 2) or 32.
+        output_stride: int. 8 (blocks 6-12 dilation 2, blocks 13-16 dilation 4,
+            as bubbliiiing/pspnet-pytorch), 16 (blocks 13-16 dilation 2) or 32.
         **variant: ``first_dilation``, ``padding`` (``"same"`` or
             ``"symmetric"``) and ``bn_epsilon`` of :func:`resolve_variant`.
 

@@ -19,32 +19,12 @@ import keras
 import numpy as np
 
 from pspnet_tf.files import atomic_path
-from pspnet_tf.model import PREPROCESSING_LAYER, inference_model
-
-# Layers that PSPNet adds on top of the backbone (see model.py's names).
-HEAD_PREFIXES = ("ppm_", "main_", "aux_")
-HEAD_OUTPUTS = ("main", "aux")
-
-
-def is_head_layer(name):
-    """True for the pyramid pooling module and the heads (``ppm_*``, ``main_*``, ``aux_*``)."""
-    return name in HEAD_OUTPUTS or name.startswith(HEAD_PREFIXES)
-
-
-def backbone_layers(model):
-    """The backbone's layers: every layer except the input, preprocessing and head layers."""
-    return [
-        layer
-        for layer in model.layers
-        if not is_head_layer(layer.name)
-        and layer.name != PREPROCESSING_LAYER
-        and not isinstance(layer, keras.layers.InputLayer)
-    ]
+from pspnet_tf.network import backbone_layers, inference_model
 
 
 def log_key(model, name):
-    """The ``fit`` log key of a metric on ``main``: ``"main_miou"`` with an aux head, else
-    ``"miou"`` (Keras prefixes metric names with the output name for dict outputs)."""
+    """The ``fit`` log key of a metric on ``main``: ``"main_crop_miou"`` with an aux head,
+    else ``"crop_miou"`` (Keras prefixes metric names with the output name for dict outputs)."""
     return f"main_{name}" if isinstance(model.output, dict) else name
 
 
@@ -82,7 +62,7 @@ class Checkpoints(keras.callbacks.Callback):
 
     Args:
         directory: str. Folder of the two files.
-        monitor: str. Log key, e.g. ``"val_main_miou"``.
+        monitor: str. Log key, e.g. ``"val_main_crop_miou"``.
         mode: ``"max"`` or ``"min"``.
         history_csv: str or None. The ``CSVLogger`` file of this run.
     """
@@ -118,8 +98,9 @@ class Checkpoints(keras.callbacks.Callback):
 class EpochSummary(keras.callbacks.Callback):
     """Adds ``learning_rate`` to the epoch logs and prints a one-line summary per epoch.
 
-    ``epoch 3/10: loss 0.5123 - val_miou 0.4310 - lr 0.00871 - 12.3 s`` (the learning
-    rate of the next step). Put it
+    ``epoch 3/10: loss 0.5123 - val crop mIoU 0.4310 - lr 0.00871 - 12.3 s`` (the
+    learning rate of the next step; "crop": validation images fitted into the training
+    crop, see :func:`pspnet_tf.training.compile_for_training`). Put it
     before ``CSVLogger`` and ``TensorBoard`` so that they log the learning rate too.
 
     Args:
@@ -128,7 +109,7 @@ class EpochSummary(keras.callbacks.Callback):
         print_fn: callable taking a str. Defaults to ``print``.
     """
 
-    def __init__(self, epochs, miou_key="val_miou", print_fn=print):
+    def __init__(self, epochs, miou_key="val_crop_miou", print_fn=print):
         super().__init__()
         self.epochs, self.miou_key, self.print_fn = epochs, miou_key, print_fn
         self._start = None
@@ -142,7 +123,7 @@ class EpochSummary(keras.callbacks.Callback):
         logs["learning_rate"] = lr
         parts = [f"epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', float('nan')):.4f}"]
         if self.miou_key in logs:
-            parts.append(f"val_miou {logs[self.miou_key]:.4f}")
+            parts.append(f"val crop mIoU {logs[self.miou_key]:.4f}")
         parts += [f"lr {lr:.3g}", f"{time.perf_counter() - self._start:.1f} s"]
         self.print_fn(" - ".join(parts))
 
@@ -174,6 +155,11 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
             )
 
 
+# The callbacks that change training and write nothing: every worker of a multi-worker
+# run keeps them (pspnet_tf.distributed); the others run on the chief only.
+WORKER_CALLBACKS = (TerminateOnNaN, BackboneFreeze)
+
+
 def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, validation=True):
     """The callbacks of a training run writing into ``output_dir``.
 
@@ -191,7 +177,7 @@ def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, valid
     Returns:
         list of callbacks, in the order they must run.
     """
-    miou = "val_" + log_key(model, "miou")
+    miou = "val_" + log_key(model, "crop_miou")
     history_csv = os.path.join(output_dir, "history.csv")
     callbacks = [TerminateOnNaN()]
     if freeze_backbone_epochs:

@@ -108,3 +108,57 @@ def read_class_names(path):
     if not names:
         raise ValueError(f"class names file {path!r} holds no names")
     return names
+
+
+def resolve_classes(num_classes, class_names=None, palette=None, *, model=None, dataset=None):
+    """Class names and colours, each from the first source that has them.
+
+    The order: the argument (a list, a names file, or a dataset name of :data:`DATASETS`),
+    the model's metadata (``model``: ``(names, palette)`` as the model stores them), the
+    named ``dataset`` if its class count matches (e.g. not for a subset), else
+    ``class_<k>`` and :func:`default_palette`. Every caller (training, evaluation,
+    prediction, the command line) resolves them here.
+
+    Args:
+        num_classes: int.
+        class_names: list of str, a path to a names file (one per line), a dataset name
+            or None.
+        palette: list of ``[r, g, b]``, a dataset name or None.
+        model: ``(class_names, palette)`` from a model's metadata, or None.
+        dataset: str or None. A layout or dataset name (``"voc"``, ...): a fallback.
+
+    Returns:
+        ``(names, palette, known)``: ``num_classes`` str, a ``(num_classes, 3)`` list of
+        ``[r, g, b]`` ints, and whether the names came from a source (False for
+        ``class_<k>``).
+
+    Raises:
+        ValueError: a source with another number of names, too few colours, or an
+            unknown dataset name.
+    """
+    stored_names, stored_palette = model or (None, None)
+    fallback = DATASETS.get(dataset, {})
+    if fallback and len(fallback["classes"]) != num_classes:
+        fallback = {}
+    names = _names(class_names) or stored_names or fallback.get("classes")
+    known = names is not None
+    names = list(names) if known else [f"class_{k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names given for {num_classes} classes")
+    if isinstance(palette, str):
+        if palette not in DATASETS:
+            raise ValueError(f"unknown palette {palette!r}; known: {sorted(DATASETS)}")
+        palette = DATASETS[palette]["palette"]
+    colours = palette or stored_palette or fallback.get("palette") or default_palette(num_classes)
+    colours = [[int(v) for v in colour] for colour in colours]
+    if len(colours) < num_classes or any(len(c) != 3 for c in colours):
+        raise ValueError(f"palette has {len(colours)} colours for {num_classes} classes")
+    return [str(name) for name in names], colours[:num_classes], known
+
+
+def _names(class_names):
+    if isinstance(class_names, (str, os.PathLike)):
+        if str(class_names) in DATASETS:
+            return DATASETS[str(class_names)]["classes"]
+        return read_class_names(class_names)
+    return class_names

@@ -81,15 +81,18 @@ def _load_model(path):
     return keras.models.load_model(path, compile=False)
 
 
-def _precision_argument(parser):
+def _precision_argument(parser, default_text="the model's own"):
+    from pspnet_tf.precision import PRECISIONS
+
     parser.add_argument(
-        "--precision", choices=["float32", "bfloat16", "float16", "mixed"],
-        help="compute dtype (weights and outputs stay float32); default: the model's own. "
+        "--precision", choices=PRECISIONS,
+        help=f"compute dtype (weights and outputs stay float32); default: {default_text}. "
         "bfloat16 is ~2x faster on CPUs with bf16 instructions; mixed: bf16 on CPU, fp16 on GPU",
     )  # fmt: skip
 
 
 def _evaluate(args):
+    from pspnet_tf.classes import resolve_classes
     from pspnet_tf.data import load_dataset
     from pspnet_tf.evaluation import (
         BASE_SIZES,
@@ -108,7 +111,12 @@ def _evaluate(args):
     dataset = load_dataset(
         args.data, args.layout, args.split, num_classes, batch_size=1, list_file=args.list_file
     )
-    names = args.class_names or predictor.class_names or _dataset_names(args.layout, num_classes)
+    names, _, _ = resolve_classes(
+        num_classes,
+        args.class_names,
+        model=(predictor.class_names, predictor.palette),
+        dataset=args.layout,
+    )
     report = evaluate(
         predictor,
         dataset,
@@ -128,14 +136,6 @@ def _evaluate(args):
     if args.confusion_png:
         print(f"wrote {plot_confusion_matrix(report, args.confusion_png)}")
     return 0
-
-
-def _dataset_names(layout, num_classes):
-    """A layout's built-in class names if the class count matches (e.g. not for a subset)."""
-    from pspnet_tf.classes import DATASETS
-
-    names = DATASETS.get(layout, {}).get("classes")
-    return list(names) if names and len(names) == num_classes else None
 
 
 def _height_width(values):
@@ -203,7 +203,7 @@ def _convert(args):
     import warnings
 
     from pspnet_tf.files import atomic_path
-    from pspnet_tf.model import get_metadata
+    from pspnet_tf.network import get_metadata
     from pspnet_tf.weights import convert_checkpoint
 
     size = args.input_size
@@ -245,6 +245,17 @@ def _demo(args):
 
 
 def build_parser():
+    # The choices are the modules' own lists, so a new backbone or layout shows up here.
+    from pspnet_tf.backbones import BACKBONES, OUTPUT_STRIDES
+    from pspnet_tf.classes import DATASETS
+    from pspnet_tf.distributed import STRATEGIES
+    from pspnet_tf.export import FORMATS, QUANTIZATIONS
+    from pspnet_tf.inference import MODES
+    from pspnet_tf.layouts import LAYOUTS
+    from pspnet_tf.predict import OUTPUTS
+    from pspnet_tf.training import OPTIMIZERS
+    from pspnet_tf.weights.convert import SOURCES
+
     parser = argparse.ArgumentParser(
         prog="pspnet-tf",
         description="PSPNet for Keras 3 / TensorFlow.",
@@ -267,19 +278,17 @@ def build_parser():
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("summary", help="build a PSPNet and print its layers and parameter count")
-    p.add_argument(
-        "--backbone", default="mobilenetv2", choices=["resnet50", "resnet101", "mobilenetv2"]
-    )
+    p.add_argument("--backbone", default="mobilenetv2", choices=BACKBONES)
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--input-size", type=int, default=473, help="square input size; 0 for any size")
-    p.add_argument("--output-stride", type=int, default=8, choices=[8, 16, 32])
+    p.add_argument("--output-stride", type=int, default=8, choices=OUTPUT_STRIDES)
     p.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier")
     p.add_argument("--aux-head", action="store_true", help="add the auxiliary head")
     p.set_defaults(func=_summary)
 
     p = sub.add_parser("check-data", help="scan a dataset and report every bad file")
     p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--layout", required=True, choices=["voc", "cityscapes", "ade20k", "list"])
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--split", nargs="+", default=["train", "val"], help="splits to check")
     p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
@@ -290,15 +299,14 @@ def build_parser():
     p = sub.add_parser("benchmark", help="speed and memory table of the models on this machine")
     benchmark.add_arguments(p)
     p.set_defaults(func=_benchmark)
-    layouts = ["voc", "cityscapes", "ade20k", "list"]
     p = sub.add_parser("evaluate", help="mIoU, pixel accuracy and per-class IoU on a dataset")
     p.add_argument("--model", required=True, help=".keras model file")
     p.add_argument("--data", required=True, help="dataset folder")
-    p.add_argument("--layout", required=True, choices=layouts)
+    p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--split", default="val")
     p.add_argument("--list-file", help="split file (VOC ids or 'image label' pairs)")
     p.add_argument("--num-classes", type=int, help="default: the model's output channels")
-    p.add_argument("--mode", default="single", choices=["single", "sliding", "multiscale"])
+    p.add_argument("--mode", default="single", choices=MODES)
     p.add_argument("--crop-size", type=int, nargs="+", help="window H [W]; default: model size")
     p.add_argument("--stride", type=int, nargs="+", help="window stride; default 2/3 of crop")
     p.add_argument("--base-size", type=int, help="multiscale long side at scale 1 (VOC/ADE 512)")
@@ -317,13 +325,13 @@ def build_parser():
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--outputs", nargs="+", default=["labels", "masks", "overlays"],
-        choices=["labels", "masks", "overlays"],
+        choices=OUTPUTS,
     )  # fmt: skip
     p.add_argument("--legend", action="store_true", help="add a legend of the classes shown")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight")
-    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="names/palette")
     p.add_argument("--class-names", help="file with one class name per line")
-    p.add_argument("--mode", default="single", choices=["single", "sliding", "multiscale"])
+    p.add_argument("--mode", default="single", choices=MODES)
     p.add_argument("--crop-size", type=int, nargs="+", help="sliding window H [W]")
     p.add_argument("--base-size", type=int, help="multiscale long side at scale 1")
     _precision_argument(p)
@@ -332,9 +340,10 @@ def build_parser():
     p = sub.add_parser("export", help="SavedModel (any size), TFLite (fixed size) or ONNX")
     p.add_argument("--model", required=True, help=".keras model file")
     p.add_argument("--output", required=True, help="SavedModel folder or .tflite/.onnx file")
-    p.add_argument("--format", default="saved_model", choices=["saved_model", "tflite", "onnx"])
+    p.add_argument("--format", default="saved_model", choices=FORMATS)
     p.add_argument("--input-size", type=int, nargs="+", help="TFLite input H [W]")
-    p.add_argument("--quantize", choices=["dynamic"], help="TFLite dynamic-range quantisation")
+    p.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q],
+                   help="TFLite dynamic-range quantisation")  # fmt: skip
     _precision_argument(p)
     p.set_defaults(func=_export)
 
@@ -346,11 +355,11 @@ def build_parser():
     )
     p.add_argument("--config", default=None, help="YAML/JSON config file; flags override it")
     p.add_argument("--data", help="dataset folder")
-    p.add_argument("--layout", choices=["voc", "cityscapes", "ade20k", "list"])
+    p.add_argument("--layout", choices=LAYOUTS)
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--backbone", choices=["resnet50", "resnet101", "mobilenetv2"])
+    p.add_argument("--backbone", choices=BACKBONES)
     p.add_argument("--alpha", type=float, help="MobileNetV2 width multiplier")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32])
+    p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES)
     p.add_argument("--aux-head", action=argparse.BooleanOptionalAction)
     p.add_argument("--backbone-weights", type=_none_or(str), help="imagenet, a file or none")
     p.add_argument("--crop-size", type=int)
@@ -361,13 +370,13 @@ def build_parser():
     p.add_argument("--train-split")
     p.add_argument("--val-split", type=_none_or(str), help="none: no validation")
     p.add_argument("--loss", help="ce, dice, focal, ce+dice or focal+dice")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="sgd (the paper's) or adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (the paper's) or adamw")
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--head-lr-multiplier", type=float)
     p.add_argument("--freeze-backbone-epochs", type=int)
-    p.add_argument("--precision", choices=["float32", "mixed", "mixed_bfloat16", "mixed_float16"])
-    p.add_argument("--strategy", choices=["auto", "none", "mirrored", "multi_worker"])
+    _precision_argument(p, default_text="float32")
+    p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction)
     p.add_argument("--cache", action=argparse.BooleanOptionalAction)
     p.add_argument("--seed", type=int)
@@ -377,16 +386,17 @@ def build_parser():
 
     p = sub.add_parser("convert", help="convert a published PSPNet checkpoint to a .keras model")
     p.add_argument(
-        "--from", dest="source", required=True, choices=["semseg", "bubbliiiing", "caffe"],
+        "--from", dest="source", required=True, choices=sorted(SOURCES),
         help="semseg: hszhao/semseg .pth; bubbliiiing: bubbliiiing/pspnet-pytorch .pth; "
         "caffe: the Caffe model as .npy (see weights/README.md)",
     )  # fmt: skip
     p.add_argument("checkpoint", help="the checkpoint file")
     p.add_argument("--output", required=True, help="the .keras file to write")
     p.add_argument("--input-size", type=int, default=0, help="square input size; 0: any size")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32], help="default: the source's")
+    p.add_argument("--output-stride", type=int, choices=OUTPUT_STRIDES,
+                   help="default: the source's")  # fmt: skip
     p.add_argument("--no-aux", action="store_true", help="drop the auxiliary head")
-    p.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"], help="names/palette")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="names/palette")
     p.set_defaults(func=_convert)
     return parser
 

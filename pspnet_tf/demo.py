@@ -155,20 +155,22 @@ def _majority_miou(report):
 
 def _plot_overlays(model, dataset, path):
     """Rows of validation images: image, ground truth, prediction overlaid."""
-    from pspnet_tf.evaluation import resolve_class_names
+    from pspnet_tf.classes import resolve_classes
     from pspnet_tf.inference import as_predictor
     from pspnet_tf.predict import (
         add_legend,
         colorize,
         overlay,
         predict_image,
-        resolve_palette,
         save_image,
     )
 
     predictor = as_predictor(model)  # built once, not per image
     num_classes = predictor.num_classes
-    palette = resolve_palette(num_classes, None, model)
+    names, palette, _ = resolve_classes(
+        num_classes, model=(predictor.class_names, predictor.palette)
+    )
+    palette = np.asarray(palette, np.uint8)
     rows = []
     for images, labels in dataset.take(OVERLAY_IMAGES):
         image, label = images[0].numpy(), labels[0].numpy()
@@ -183,7 +185,6 @@ def _plot_overlays(model, dataset, path):
                 axis=1,
             )
         )
-    names = resolve_class_names(num_classes, None, model)
     save_image(add_legend(np.concatenate(rows, axis=0), names, palette), path)
 
 
@@ -198,7 +199,7 @@ def _plot_curves(history_csv, path):
     for index, (keys, title) in enumerate(
         [
             (("loss", "val_loss"), "loss"),
-            (("val_main_miou",), "val mIoU"),
+            (("val_main_crop_miou",), "val mIoU at the crop size"),
             (("learning_rate",), "learning rate"),
         ]  # fmt: skip
     ):

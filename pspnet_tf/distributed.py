@@ -22,7 +22,7 @@ import os
 import keras
 import tensorflow as tf
 
-from pspnet_tf.callbacks import BackboneFreeze, TerminateOnNaN
+from pspnet_tf.callbacks import WORKER_CALLBACKS
 
 STRATEGIES = ("auto", "none", "mirrored", "multi_worker")
 
@@ -114,7 +114,7 @@ class _RestoreOnly(keras.callbacks.BackupAndRestore):
 
 def _worker_callbacks(callbacks):
     """What a non-chief worker keeps: the callbacks that change training, none that write."""
-    kept = [c for c in callbacks if isinstance(c, (TerminateOnNaN, BackboneFreeze))]
+    kept = [c for c in callbacks if isinstance(c, WORKER_CALLBACKS)]
     for c in callbacks:
         if isinstance(c, keras.callbacks.BackupAndRestore):
             kept.append(

@@ -80,7 +80,8 @@ def evaluate(
     num_classes = int(num_classes or predictor.num_classes)
     if num_classes != predictor.num_classes:
         raise ValueError(f"num_classes={num_classes} but the model has {predictor.num_classes}")
-    names = resolve_class_names(num_classes, class_names, predictor)
+    stored = (predictor.class_names, predictor.palette)
+    names = classes.resolve_classes(num_classes, class_names, model=stored)[0]
     settings = {"crop_size": crop_size, "stride": stride, "base_size": base_size,
                 "precision": predictor.precision}  # fmt: skip
     if mode == "multiscale":
@@ -171,32 +172,6 @@ def write_json_report(report, path):
         return value
 
     return write_json(path, clean(report))
-
-
-def resolve_class_names(num_classes, class_names=None, model=None):
-    """Class names: given (list or file), else the model's own, else ``class_<k>``.
-
-    Args:
-        num_classes: int.
-        class_names: list of str, a path to a names file (one per line), a
-            dataset name (``"voc"``, ``"cityscapes"``, ``"ade20k"``) or None.
-        model: a model or :class:`Predictor` whose metadata may hold names.
-
-    Returns:
-        list of ``num_classes`` str.
-    """
-    if isinstance(class_names, (str, os.PathLike)):
-        if str(class_names) in classes.DATASETS:
-            class_names = classes.DATASETS[str(class_names)]["classes"]
-        else:
-            class_names = classes.read_class_names(class_names)
-    if class_names is None and model is not None:
-        class_names = as_predictor(model).class_names
-    if class_names is None:
-        return [f"class_{k}" for k in range(num_classes)]
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
-    return [str(name) for name in class_names]
 
 
 def plot_confusion_matrix(report, path, class_names=None, normalize=True, title=None):

@@ -33,8 +33,9 @@ import tensorflow as tf
 
 from pspnet_tf.files import atomic_path
 from pspnet_tf.inference import as_predictor
-from pspnet_tf.inference_copy import fold_batch_norm, resolve_precision
-from pspnet_tf.model import get_metadata, inference_model, rebuild
+from pspnet_tf.inference_copy import fold_batch_norm
+from pspnet_tf.network import get_metadata, inference_model, rebuild
+from pspnet_tf.precision import resolve_precision
 
 SIGNATURE = "serving_default"
 FORMATS = ("saved_model", "tflite", "onnx")

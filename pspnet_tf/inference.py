@@ -30,8 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf import autotune
-from pspnet_tf.inference_copy import resolve_precision
-from pspnet_tf.model import PREPROCESSING_LAYER, get_metadata, inference_model, rebuild
+from pspnet_tf.layers import PREPROCESSING_LAYER
+from pspnet_tf.network import get_metadata, inference_model, rebuild
+from pspnet_tf.precision import resolve_precision
 
 MODES = ("single", "sliding", "multiscale")
 # Multi-scale testing of the paper and its reference code.
@@ -63,7 +64,7 @@ class Predictor:
         precision: None (the model's own dtype policies), ``"float32"``,
             ``"bfloat16"``, ``"float16"`` or ``"mixed"`` (bfloat16 on CPUs, float16 on
             GPUs): the compute dtype of the copy that runs
-            (:data:`pspnet_tf.inference_copy.PRECISIONS`). Weights, input normalisation
+            (:data:`pspnet_tf.precision.PRECISIONS`). Weights, input normalisation
             and logits stay float32.
         kernels: str or None. ``"auto"``, ``"probe"``, ``"off"`` or ``"NAME=on|off,..."``
             (see :mod:`pspnet_tf.autotune`); None reads ``PSPNET_TF_KERNELS``.

@@ -6,9 +6,10 @@
   computes BatchNorm as separate element-wise passes over each feature map and TF does not
   fuse them into the conv, so folding removes those passes. The copy holds standard layers
   only (and the pass-throughs), so it runs and exports anywhere.
-- ``precision``: optionally the copy computes in bfloat16 (CPUs) or float16 (GPUs) with
-  float32 weights, input normalisation and logits (Keras' mixed policies): about twice as
-  fast on CPUs with bf16 instructions, labels nearly always the same (see the README).
+- ``precision`` (:mod:`pspnet_tf.precision`): optionally the copy computes in bfloat16
+  (CPUs) or float16 (GPUs) with float32 weights, input normalisation and logits: about
+  twice as fast on CPUs with bf16 instructions, labels nearly always the same (see the
+  README).
 
 Where faster kernels are then installed on such a copy (by probe and timed trial) is
 :mod:`pspnet_tf.autotune`'s job.
@@ -20,26 +21,10 @@ import collections
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from pspnet_tf.precision import keras_policy, resolve_precision
 
 _CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-# Inference precisions: None keeps each layer's own dtype policy; "mixed" is bfloat16 on
-# CPUs and float16 on GPUs, as the training option of the same name.
-PRECISIONS = (None, "float32", "bfloat16", "float16", "mixed")
-_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-def resolve_precision(precision):
-    """``"float32"``, ``"bfloat16"``, ``"float16"`` or None for a ``precision`` argument.
-
-    Raises:
-        ValueError: ``precision`` is not one of :data:`PRECISIONS`.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "mixed":
-        return "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
-    return precision
 
 
 def _float32_layers(model):
@@ -126,9 +111,9 @@ def fold_batch_norm(model, precision=None):
 
     Args:
         model: a functional Keras model (e.g. a PSPNet inference model).
-        precision: one of :data:`PRECISIONS`. The copy's compute dtype (weights stay
-            float32; so do the input normalisation and the output layers). None keeps
-            every layer's own policy.
+        precision: one of :data:`pspnet_tf.precision.PRECISIONS` or None. The copy's
+            compute dtype (weights stay float32; so do the input normalisation and the
+            output layers). None keeps every layer's own policy.
 
     Returns:
         A new ``keras.Model`` with the same inputs, outputs and layer names, for
@@ -143,7 +128,8 @@ def inference_copy(model, fold=True, precision=None):
     Args:
         model: a functional or Sequential Keras model.
         fold: bool. Fold BatchNorm into the convs (see :func:`fold_batch_norm`).
-        precision: one of :data:`PRECISIONS`; None keeps every layer's own policy.
+        precision: one of :data:`pspnet_tf.precision.PRECISIONS` or None; None keeps
+            every layer's own policy.
 
     Returns:
         A new ``keras.Model`` with the same inputs, outputs, layer names and results
@@ -161,7 +147,7 @@ def inference_copy(model, fold=True, precision=None):
     def clone(layer):
         config = layer.get_config()
         if precision and layer.name not in keep_float32:
-            config["dtype"] = _POLICIES[precision]
+            config["dtype"] = keras_policy(precision)
         if layer.name in folded:
             policy = config["dtype"] if precision else layer.dtype_policy.name
             return FoldedBatchNorm(name=layer.name, dtype=policy)

@@ -26,14 +26,16 @@ import keras
 import tensorflow as tf
 
 # Per-channel statistics in RGB order, in 0-255 units.
-_IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
+# The name of every model's Preprocessing layer (its config carries the metadata).
+PREPROCESSING_LAYER = "preprocessing"
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
 _IMAGENET_STD = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
 # keras.applications ResNet ("caffe" mode) subtracts these BGR means.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 PREPROCESSING_MODES = {
     # RGB, mean/std normalised: torchvision-style ImageNet weights.
-    "torch": {"mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "channel_order": "rgb"},
+    "torch": {"mean": IMAGENET_MEAN, "std": _IMAGENET_STD, "channel_order": "rgb"},
     # BGR, mean subtracted, no scaling: Caffe and keras.applications ResNet.
     "caffe": {"mean": _CAFFE_MEAN_BGR, "std": (1.0, 1.0, 1.0), "channel_order": "bgr"},
     # RGB scaled to [-1, 1]: keras.applications MobileNetV2.
@@ -62,6 +64,7 @@ class Preprocessing(keras.layers.Layer):
         **kwargs: base ``keras.layers.Layer`` arguments.
 
     Example:
+    >>> import numpy as np
     >>> layer = Preprocessing(**PREPROCESSING_MODES["torch"])
     >>> layer(np.full((1, 2, 2, 3), 255.0)).shape
     TensorShape([1, 2, 2, 3])

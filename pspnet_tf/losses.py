@@ -98,6 +98,7 @@ class CrossEntropy(_SegmentationLoss):
             the reduction is done here and always gives the batch mean).
 
     Example:
+    >>> import numpy as np
     >>> loss = CrossEntropy(class_weights=[1.0, 2.0, 1.0])
     >>> round(float(loss(np.array([[[1, 255]]]), np.zeros((1, 1, 2, 3)))), 4)  # log(3)
     1.0986
@@ -120,14 +121,16 @@ class DiceLoss(_SegmentationLoss):
     Per class ``c``, over all valid pixels of the batch (ignored pixels are
     removed from both the probabilities and the one-hot labels):
     ``dice_c = (2 * sum(p_c * t_c) + smooth) / (sum(p_c) + sum(t_c) + smooth)``,
-    seed 002's formula with beta = 1. Every class counts in the mean, also one
-    absent from the batch's labels (its dice is then ~0 unless its probabilities
-    are ~0 too); ``class_weights`` make it a weighted mean over classes.
+    the formula of bubbliiiing/pspnet-pytorch's dice loss with beta = 1. Every class
+    counts in the mean, also one absent from the batch's labels (its dice is then ~0
+    unless its probabilities are ~0 too); ``class_weights`` make it a weighted mean
+    over classes.
 
     Args:
         class_weights: list of ``num_classes`` floats or None (plain mean).
         ignore_label: int. Defaults to 255.
-        smooth: float. Added to numerator and denominator. Defaults to 1e-5 (seed 002).
+        smooth: float. Added to numerator and denominator. Defaults to 1e-5 (as
+            bubbliiiing/pspnet-pytorch).
         name: str. Defaults to ``"dice"``.
         **kwargs: base ``keras.losses.Loss`` arguments.
     """
@@ -160,15 +163,15 @@ class FocalLoss(_SegmentationLoss):
 
     ``p_t`` is the softmax probability of the true class. Averaged over valid
     pixels like :class:`CrossEntropy` (weighted by ``class_weights`` if given).
-    Differs from seed 002's version in two places, both bugs there: ignored
-    pixels are left out of the mean (the seed divides by all pixels), and
-    ``p_t`` is the plain probability (the seed raises it to the class weight).
+    Differs from bubbliiiing/pspnet-pytorch's focal loss in two places, both bugs there:
+    ignored pixels are left out of the mean (it divides by all pixels), and ``p_t``
+    is the plain probability (it raises it to the class weight).
 
     Args:
         gamma: float. Focusing parameter; 0 gives ``alpha`` times cross-entropy.
             Defaults to 2.0.
         alpha: float, list of ``num_classes`` floats (``alpha_t = alpha[y]``) or
-            None (1). Defaults to 0.5, seed 002's scalar.
+            None (1). Defaults to 0.5, bubbliiiing/pspnet-pytorch's scalar.
         class_weights: list of ``num_classes`` floats or None.
         ignore_label: int. Defaults to 255.
         name: str. Defaults to ``"focal"``.

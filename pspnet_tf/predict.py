@@ -72,36 +72,14 @@ def predict_image(model, image, mode="single", **options):
         ``(H, W)`` int32 class indices.
 
     Example:
+    >>> import numpy as np
+    >>> from pspnet_tf import build_pspnet
     >>> model = build_pspnet(3, "mobilenetv2", (None, None, 3), alpha=0.35)
     >>> predict_image(model, np.zeros((50, 70, 3), "uint8")).shape
     (50, 70)
     """
     scores = predict_scores(model, as_rgb(image), mode, **options)
     return np.argmax(scores, axis=-1).astype(np.int32)
-
-
-def resolve_palette(num_classes, palette=None, model=None):
-    """Colours for ``num_classes`` classes as a ``(num_classes, 3)`` uint8 array.
-
-    Args:
-        num_classes: int.
-        palette: list of ``[r, g, b]``, a dataset name (``"voc"``,
-            ``"cityscapes"``, ``"ade20k"``) or None.
-        model: a :class:`pspnet_tf.inference.Predictor` (or model) whose
-            metadata palette is used when ``palette`` is None.
-    """
-    if isinstance(palette, str):
-        if palette not in classes.DATASETS:
-            raise ValueError(f"unknown palette {palette!r}; known: {sorted(classes.DATASETS)}")
-        palette = classes.DATASETS[palette]["palette"]
-    if palette is None and model is not None:
-        palette = as_predictor(model).palette
-    if palette is None:
-        palette = classes.default_palette(num_classes)
-    palette = np.asarray(palette, np.uint8).reshape(-1, 3)
-    if len(palette) < num_classes:
-        raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
-    return palette[:num_classes]
 
 
 def colorize(labels, palette):
@@ -250,16 +228,11 @@ def predict_path(model, source, output_dir, **options):
 
 def _visuals(predictor, class_names, palette):
     """Resolves the colours and names once for many images."""
-    palette = resolve_palette(predictor.num_classes, palette, predictor)
-    names = class_names
-    if isinstance(names, str) and names in classes.DATASETS:
-        names = classes.DATASETS[names]["classes"]
-    elif isinstance(names, (str, os.PathLike)):
-        names = classes.read_class_names(names)
-    names = names or predictor.class_names or [f"class_{k}" for k in range(len(palette))]
-    if len(names) != predictor.num_classes:
-        raise ValueError(f"{len(names)} class names for {predictor.num_classes} classes")
-    return palette, list(names)
+    stored = (predictor.class_names, predictor.palette)
+    names, colours, _ = classes.resolve_classes(
+        predictor.num_classes, class_names, palette, model=stored
+    )
+    return np.asarray(colours, np.uint8), names
 
 
 def _render(image, labels, what, palette, names, alpha, legend, every_class=False):

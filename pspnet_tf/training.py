@@ -12,23 +12,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import os
 
 import keras
-import tensorflow as tf
 import yaml
 
 from pspnet_tf import autotune, distributed
 from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
-from pspnet_tf.callbacks import HEAD_PREFIXES, make_callbacks
-from pspnet_tf.classes import DATASETS, default_palette
+from pspnet_tf.callbacks import make_callbacks
+from pspnet_tf.classes import resolve_classes
 from pspnet_tf.files import atomic_path
-from pspnet_tf.model import build_pspnet, inference_model, rebuild
+from pspnet_tf.model import build_pspnet
+from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
+from pspnet_tf.precision import dtype_policy, resolve_precision
 
 
 def compile_for_training(
@@ -90,7 +89,12 @@ def compile_for_training(
     def make():
         return losses_lib.make_loss(loss, class_weights, gamma=focal_gamma, alpha=focal_alpha)
 
-    metrics = [metrics_lib.MeanIoU(num_classes), metrics_lib.PixelAccuracy(num_classes)]
+    # "crop_": during fit both are measured on crop_size inputs (validation images are
+    # shrunk to fit the crop and padded), not on whole images as `pspnet-tf evaluate` does.
+    metrics = [
+        metrics_lib.MeanIoU(num_classes, name="crop_miou"),
+        metrics_lib.PixelAccuracy(num_classes, name="crop_pixel_accuracy"),
+    ]
     if isinstance(model.output, dict):
         outputs = sorted(model.output)
         model.compile(
@@ -175,7 +179,7 @@ DEFAULTS = {
     "optimizer": "sgd",  # sgd (the paper's) | adamw
     "freeze_backbone_epochs": 0,
     # Machine.
-    "precision": "float32",  # float32 | mixed (bf16 on CPU, fp16 on GPU) | mixed_bfloat16 | ...
+    "precision": "float32",  # float32 | bfloat16 | float16 | mixed (bf16 on CPU, fp16 on GPU)
     "strategy": "auto",  # auto | none | mirrored | multi_worker
     "sync_batchnorm": False,
     "jit_compile": False,
@@ -183,9 +187,25 @@ DEFAULTS = {
     "output": None,  # required: the run's folder
     "verbose": "auto",
 }
+# The config keys passed to compile_for_training under their own names (listed, not read
+# off its signature: a renamed parameter then fails loudly instead of dropping the key).
+RECIPE_KEYS = (
+    "loss",
+    "class_weights",
+    "focal_gamma",
+    "focal_alpha",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "power",
+    "warmup_steps",
+    "head_lr_multiplier",
+    "aux_weight",
+    "optimizer",
+    "jit_compile",
+)
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("verbose", "cache")
-PRECISIONS = ("float32", "mixed", "mixed_bfloat16", "mixed_float16")
 
 
 def load_config(path):
@@ -219,8 +239,7 @@ def resolve_config(config=None, **overrides):
     for key in ("num_classes", "output"):
         if resolved[key] is None:
             raise ValueError(f"the training config needs {key!r}")
-    if resolved["precision"] not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {resolved['precision']!r}")
+    resolve_precision(resolved["precision"], allow_none=False)  # names the choices
     losses_lib.make_loss(resolved["loss"])  # fails early, naming the choices
     return resolved
 
@@ -245,19 +264,6 @@ def _check_or_write_config(config, path, write):
             yaml.safe_dump(config, file, sort_keys=False)
 
 
-@contextlib.contextmanager
-def dtype_policy(precision):
-    """Sets Keras' global dtype policy inside the block (``"mixed"``: bf16 on CPU, fp16 on GPU)."""
-    if precision == "mixed":
-        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def _class_names(config):
     """Class names and palette to store in the model: the config's, the demo dataset's or
     the named dataset's (if its class count matches), else none."""
@@ -266,11 +272,8 @@ def _class_names(config):
     if names is None and config["data"] and os.path.isfile(demo_info):
         with open(demo_info) as file:
             names = json.load(file).get("class_names")
-    known = DATASETS.get(config["layout"])
-    if names is None and known and len(known["classes"]) == config["num_classes"]:
-        return list(known["classes"]), [list(c) for c in known["palette"]]
-    palette = [list(c) for c in default_palette(config["num_classes"])]
-    return (list(names), palette) if names else (None, None)
+    names, palette, known = resolve_classes(config["num_classes"], names, dataset=config["layout"])
+    return (names, palette) if known else (None, None)
 
 
 def _datasets(config, train_dataset, val_dataset):
@@ -380,9 +383,7 @@ def _fit(model, strategy, train_dataset, val_dataset, steps, callbacks, config):
 
 def _build_and_compile(config, strategy, total_steps):
     names, palette = _class_names(config)
-    recipe = {
-        k: config[k] for k in inspect.signature(compile_for_training).parameters if k in config
-    }
+    recipe = {key: config[key] for key in RECIPE_KEYS}
     with dtype_policy(config["precision"]), strategy.scope():
         model = build_pspnet(
             config["num_classes"],

@@ -124,3 +124,25 @@ def demo_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_dataset(root, num_train=16, num_val=8, size=64, seed=0, difficulty=0.0)
+
+
+def tiny_pspnet(aux_head=True, num_classes=3, size=32):
+    """A MobileNetV2 alpha 0.35 PSPNet of ``size`` squares, seeded, without dropout."""
+    import keras
+
+    from pspnet_tf import build_pspnet
+
+    keras.utils.set_random_seed(0)
+    return build_pspnet(
+        num_classes, "mobilenetv2", (size, size, 3), alpha=0.35, aux_head=aux_head, dropout=0.0
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    """Eight random 32x32 images and 3-class labels whose first 4 rows are ignored (255)."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, 3, (8, 32, 32)).astype("int32")
+    labels[:, :4] = 255
+    return images, labels

@@ -79,7 +79,7 @@ def test_mirrored_two_cpus_equals_one_device(tmp_path):
     assert (one["replicas"], two["replicas"]) == (1, 2)
     # Synchronized BatchNorm: each replica's half of the batch sees global statistics, so
     # the first step's loss and its gradients (summed over replicas) match one device.
-    for key in ("loss", "main_loss", "aux_loss", "main_miou", "main_pixel_accuracy"):
+    for key in ("loss", "main_loss", "aux_loss", "main_crop_miou", "main_crop_pixel_accuracy"):
         np.testing.assert_allclose(two["history"][key], one["history"][key], rtol=2e-4, err_msg=key)
     np.testing.assert_allclose(two["kernel"], one["kernel"], rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(two["conv1"], one["conv1"], rtol=1e-3, atol=1e-5)
@@ -123,7 +123,7 @@ def test_multi_worker_run_completes_through_the_cli(demo_root, tmp_path):
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "epoch 2/2: loss" in logs[0] and "epoch 2/2" not in logs[1]  # only the chief logs
     rows = (output / "history.csv").read_text().splitlines()
-    assert len(rows) == 3 and "val_main_miou" in rows[0]
+    assert len(rows) == 3 and "val_main_crop_miou" in rows[0]
     model = keras.models.load_model(output / "model.keras")
     assert model.input_shape == (None, None, None, 3) and model.output_names == ["main"]
 
@@ -187,7 +187,7 @@ def test_multi_worker_loop_trains_and_resumes_like_fit(tmp_path):
     model, history = run(4)
     assert history.epoch == [2, 3]
     assert int(model.optimizer.iterations.numpy()) == 8
-    assert set(history.history) >= {"loss", "miou", "pixel_accuracy", "learning_rate"}
+    assert set(history.history) >= {"loss", "crop_miou", "crop_pixel_accuracy", "learning_rate"}
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["0", "1", "2", "3"]
     assert (tmp_path / "checkpoints" / "best.keras").is_file()

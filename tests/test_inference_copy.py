@@ -8,8 +8,8 @@ from conftest import randomize_batch_norm, randomize_weights
 from pspnet_tf import build_pspnet, rebuild
 from pspnet_tf.inference import as_predictor
 from pspnet_tf.inference_copy import FoldedBatchNorm, fold_batch_norm, inference_copy
+from pspnet_tf.precision import dtype_policy
 from pspnet_tf.predict import predict_image
-from pspnet_tf.training import dtype_policy
 
 
 def _relative_error(a, b):
@@ -52,7 +52,7 @@ def small_model():
 def test_reduced_precision_copy_computes_as_a_model_built_under_keras_mixed_policy(
     small_model, rng
 ):
-    with dtype_policy("mixed_bfloat16"):  # how training builds a bf16 model
+    with dtype_policy("bfloat16"):  # how training builds a bf16 model
         mixed = build_pspnet(5, "mobilenetv2", (None, None, 3), alpha=0.35, aux_head=False)
     mixed.set_weights(small_model.get_weights())
     copy = inference_copy(small_model, fold=False, precision="bfloat16")

@@ -20,6 +20,7 @@ def _with_kernel(layer, name, training=False):
     if not ok:
         pytest.skip(f"{name} does not run on this machine: {why}")
     kernels.install(layer, next(k for k in kernels.KERNELS if k.name == name))
+    assert kernels.installed(layer) == name  # else the comparisons check Keras against itself
     return layer
 
 

@@ -1,4 +1,5 @@
-"""Whole runs: `pspnet-tf train` learns, resumes after a kill, mixed precision, configs."""
+"""Training: whole `pspnet-tf train` runs (learns, resumes after a kill, mixed precision,
+configs) and compile_for_training's recipe."""
 
 import json
 import os
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from conftest import tiny_pspnet
 
 from pspnet_tf import get_metadata
 from pspnet_tf.data import DEMO_CLASSES
-from pspnet_tf.training import DEFAULTS, load_config, resolve_config, train
+from pspnet_tf.training import DEFAULTS, compile_for_training, load_config, resolve_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -93,7 +95,7 @@ def test_cli_run_learns_and_writes_an_any_size_model(resumed_run):
     output, _, _ = resumed_run
     history = _history(output)
     loss = [row["loss"] for row in history]
-    miou = [row["val_miou"] for row in history]
+    miou = [row["val_crop_miou"] for row in history]
     assert loss[-1] < 0.6 * loss[0], loss
     # Predicting only the majority class scores 0.135 on these images (so do the first
     # epochs); the fitted model gets about 0.23.
@@ -115,7 +117,7 @@ def test_mixed_precision_run_gives_finite_float32_logits(tmp_path):
     model, history = train(
         {"num_classes": 3, "backbone": "mobilenetv2", "alpha": 0.35, "crop_size": 32},
         train_dataset=data,
-        precision="mixed_bfloat16",
+        precision="bfloat16",
         epochs=1,
         output=str(tmp_path),
         verbose=0,
@@ -175,3 +177,121 @@ def test_demo_config_is_what_the_demo_trains_with():
 
     config = load_config(os.path.join(REPO, "examples", "configs", "demo.yaml"))
     assert {k: config[k] for k in SETTINGS["default"]["train"]} == SETTINGS["default"]["train"]
+
+
+# compile_for_training: the paper's recipe on a tiny model.
+
+
+def _softmax_ce(logits, labels, weights=None):
+    valid = labels != 255
+    z = logits[valid].astype("float64")
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -logp[np.arange(len(z)), labels[valid]].mean()
+
+
+def test_compiled_loss_is_main_plus_0_4_aux(tiny_batch):
+    images, labels = tiny_batch
+    model = compile_for_training(tiny_pspnet(), total_steps=10)
+    outputs = model(images, training=False)
+    got = model.compute_loss(images, {"main": labels, "aux": labels}, outputs)
+    main = _softmax_ce(outputs["main"].numpy(), labels)
+    aux = _softmax_ce(outputs["aux"].numpy(), labels)
+    np.testing.assert_allclose(float(got), main + 0.4 * aux, rtol=1e-4)
+    assert model.optimizer.built and model.optimizer.l2_decay == 1e-4
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
+
+
+def test_head_learning_rate_multiplier_reaches_head_variables_only():
+    model = compile_for_training(tiny_pspnet(), total_steps=10, head_lr_multiplier=10.0)
+    multipliers = dict(
+        zip([v.path for v in model.trainable_variables], model.optimizer._multipliers, strict=True)
+    )
+    assert multipliers["main_classifier/kernel"] == 10.0
+    assert multipliers["ppm_branch1_conv/kernel"] == 10.0
+    assert multipliers["aux_head_bn/gamma"] == 10.0
+    assert multipliers["Conv1/kernel"] == 1.0
+    assert multipliers["block_16_project_BN/beta"] == 1.0
+
+
+def test_adamw_step_follows_the_poly_schedule_with_decoupled_decay(tiny_batch):
+    """One AdamW step against a numpy Adam update (first step: m/v bias-corrected)."""
+    images, labels = tiny_batch
+    model = compile_for_training(
+        tiny_pspnet(), total_steps=10, optimizer="adamw", learning_rate=0.002, weight_decay=0.01
+    )
+    assert isinstance(model.optimizer, keras.optimizers.AdamW)
+    variable = model.get_layer("main_classifier").kernel
+    before = variable.numpy().astype("float64")
+    targets = {"main": labels, "aux": labels}
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(images, targets, model(images, training=True))
+    gradient = tape.gradient(loss, variable).numpy().astype("float64")
+    model.optimizer.apply_gradients([(tf.constant(gradient, variable.dtype), variable)])
+    lr = 0.002  # step 0 of the poly schedule
+    m, v = 0.1 * gradient, 0.001 * gradient**2  # (1 - beta) * g, (1 - beta2) * g^2
+    step = lr * np.sqrt(1 - 0.999) / (1 - 0.9) * m / (np.sqrt(v) + 1e-7)
+    expected = before * (1 - lr * 0.01) - step  # decoupled decay, then the Adam step
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="head_lr_multiplier"):
+        compile_for_training(tiny_pspnet(), total_steps=1, optimizer="adamw", head_lr_multiplier=10)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        compile_for_training(tiny_pspnet(), total_steps=1, optimizer="adam")
+
+
+def _main_loss(config):
+    return config["loss"]["main"]
+
+
+def _sgd(config):
+    return config["optimizer"]["config"]
+
+
+def _schedule(config):
+    return _sgd(config)["learning_rate"]["config"]
+
+
+# Every key of RECIPE_KEYS: a value other than the default, where compile_for_training
+# puts it (read from the model's compile config) and what it must read there.
+RECIPE_EFFECTS = {
+    "loss": ("dice", lambda c: _main_loss(c)["class_name"], "DiceLoss"),
+    "class_weights": ([1.0, 2.0, 3.0], lambda c: _main_loss(c)["config"]["class_weights"],
+                      [1.0, 2.0, 3.0]),
+    "focal_gamma": (3.0, lambda c: _main_loss(c)["config"]["gamma"], 3.0),
+    "focal_alpha": (0.25, lambda c: _main_loss(c)["config"]["alpha"], 0.25),
+    "learning_rate": (0.03, lambda c: _schedule(c)["initial_learning_rate"], 0.03),
+    "momentum": (0.5, lambda c: _sgd(c)["momentum"], 0.5),
+    "weight_decay": (5e-4, lambda c: _sgd(c)["l2_decay"], 5e-4),
+    "power": (1.5, lambda c: _schedule(c)["power"], 1.5),
+    "warmup_steps": (3, lambda c: _schedule(c)["warmup_steps"], 3),
+    "head_lr_multiplier": (10.0, lambda c: _sgd(c)["lr_multipliers"], {"ppm_": 10.0, "main_": 10.0,
+                                                                      "aux_": 10.0}),
+    "aux_weight": (0.25, lambda c: c["loss_weights"]["aux"], 0.25),
+    "optimizer": ("adamw", lambda c: c["optimizer"]["class_name"], "AdamW"),
+    "jit_compile": (True, lambda c: c["jit_compile"], True),
+}  # fmt: skip
+
+
+def test_every_recipe_key_reaches_compile_for_training(monkeypatch):
+    from pspnet_tf import training
+
+    assert set(RECIPE_EFFECTS) == set(training.RECIPE_KEYS)
+    compiled = {}
+
+    def record(model, *, total_steps, **recipe):
+        compiled["config"] = compile_for_training(
+            model, total_steps=total_steps, **{**recipe, "kernels": "off"}
+        ).get_compile_config()
+        return model
+
+    monkeypatch.setattr(training, "compile_for_training", record)
+    base = {**DEFAULTS, "num_classes": 3, "backbone": "mobilenetv2", "alpha": 0.35,
+            "crop_size": 32, "output": "unused", "loss": "focal", "strategy": "none"}  # fmt: skip
+    strategy = tf.distribute.get_strategy()
+    training._build_and_compile(base, strategy, total_steps=10)
+    default = compiled["config"]
+    for key, (value, where, expected) in RECIPE_EFFECTS.items():
+        config = {**base, key: value}
+        training._build_and_compile(config, strategy, total_steps=10)
+        assert where(compiled["config"]) == expected, key
+        assert where(default) != expected, key

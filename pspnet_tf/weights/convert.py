@@ -6,7 +6,7 @@ Three sources (key names, preprocessing and BatchNorm epsilon are documented in
 - ``"semseg"``: the official PyTorch release (hszhao/semseg), PSPNet-50/101.
   ``{"state_dict": ...}`` saved from DataParallel (``module.`` prefix); deep
   stem, stride in the 3x3 conv, every 3x3 of layer3/layer4 dilated 2/4.
-- ``"bubbliiiing"``: the PyTorch PSPNet of seed 002 (bubbliiiing/pspnet-pytorch),
+- ``"bubbliiiing"``: the PyTorch PSPNet of bubbliiiing/pspnet-pytorch,
   MobileNetV2 or ResNet-50; a bare state_dict (``backbone.``, ``master_branch.``,
   ``auxiliary_branch.``); the formerly strided conv of a dilated stage keeps
   half the dilation (``_nostride_dilate``).
@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from pspnet_tf.classes import DATASETS
+from pspnet_tf.network import assemble, get_metadata, set_metadata
 from pspnet_tf.weights.keys import source_name
 
 _DEEP_RESNET = {"stem": "deep", "conv_bias": False, "bn_epsilon": 1e-5}
@@ -255,8 +256,6 @@ def convert_tensors(
     dataset: str | None = None,
 ) -> keras.Model:
     """:func:`convert_checkpoint` for tensors already read (``label`` names them in errors)."""
-    from pspnet_tf.model import build_pspnet, set_metadata
-
     spec, info = SOURCES[source], _describe(source, tensors, label)
     if aux_head and not info["aux"]:
         raise ValueError(f"{label}: the checkpoint has no auxiliary head to convert")
@@ -265,18 +264,25 @@ def convert_tensors(
     names = DATASETS[dataset]["classes"] if dataset in DATASETS else None
     if names is not None and len(names) != info["num_classes"]:
         raise ValueError(f"{label}: {info['num_classes']} classes, {dataset} has {len(names)}")
-    model = build_pspnet(
+    network = {
+        "backbone": info["backbone"],
+        "output_stride": output_stride or spec["output_stride"],
+        "alpha": 1.0,
+        "bins": BINS,
+        "align_corners": True,
+        "preprocessing": spec["preprocessing"],
+        "backbone_variant": spec.get(f"{info['backbone']}_variant", spec["variant"]),
+    }
+    model = assemble(
         info["num_classes"],
-        info["backbone"],
         input_shape,
-        output_stride or spec["output_stride"],
+        network,
         aux_head=aux,
-        bins=BINS,
-        align_corners=True,
-        preprocessing=spec["preprocessing"],
-        backbone_variant=spec.get(f"{info['backbone']}_variant", spec["variant"]),
+        backbone_weights=None,
+        dropout=0.1,
         class_names=names,
         palette=[list(c) for c in DATASETS[dataset]["palette"]] if names else None,
+        name=None,
     )
     dropped = _assign(model, tensors, source, label, drop_aux=info["aux"] and not aux)
     if dropped:
@@ -295,7 +301,7 @@ def convert_tensors(
 
 def _assign(model, tensors, source, label, drop_aux):
     """Copies every tensor into its Keras layer; raises listing every problem."""
-    bins = tuple(int(b) for b in model.get_layer("preprocessing").metadata["architecture"]["bins"])
+    bins = tuple(int(b) for b in get_metadata(model)["architecture"]["bins"])
     used, problems, values = set(), [], {}
     for layer in (lay for lay in model.layers if lay.weights):
         prefix = source_name(source, layer.name, bins)

@@ -22,6 +22,8 @@ import os
 
 from pspnet_tf.classes import DATASETS
 from pspnet_tf.files import atomic_path, write_text
+from pspnet_tf.network import get_metadata, resolve_preprocessing, set_metadata
+from pspnet_tf.weights.convert import SOURCES, convert_checkpoint
 
 _SEMSEG_URL = "https://drive.google.com/open?id=15wx9vOM0euyizq-M1uINgN0_wjVRf9J3"
 _SEMSEG_TERMS = (
@@ -170,9 +172,6 @@ def describe(name: str) -> dict:
     """
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained weights {name!r}; known: {', '.join(PRETRAINED)}")
-    from pspnet_tf.model import resolve_preprocessing
-    from pspnet_tf.weights.convert import SOURCES
-
     entry = copy.deepcopy(PRETRAINED[name])
     data = DATASETS[entry["dataset"]]
     entry.update(
@@ -224,9 +223,6 @@ def fetch(name: str, cache: str | None = None) -> str:
     if os.path.isfile(target):
         return target
     checkpoint, digest, verified = _checkpoint(entry, cache)
-    from pspnet_tf.model import set_metadata
-    from pspnet_tf.weights.convert import convert_checkpoint
-
     model = convert_checkpoint(
         entry["source"], checkpoint, output_stride=entry["output_stride"], dataset=entry["dataset"]
     )
@@ -235,7 +231,7 @@ def fetch(name: str, cache: str | None = None) -> str:
         model,
         weights=name,
         weights_source={
-            **model.get_layer("preprocessing").metadata["weights_source"],
+            **get_metadata(model)["weights_source"],
             **provenance,
             "registry_name": name,
             "sha256": digest,

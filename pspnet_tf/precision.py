@@ -1,0 +1,73 @@
+"""Compute precision: one vocabulary for training, inference and export.
+
+A precision is the dtype the layers compute in; weights, the input normalisation and
+the logits stay float32 (Keras' mixed policies), so files are the same either way.
+
+- ``"float32"``: everything in float32.
+- ``"bfloat16"``: Keras' ``mixed_bfloat16``; about twice as fast on CPUs with bf16
+  instructions (AVX512-BF16, AMX) and on recent GPUs.
+- ``"float16"``: Keras' ``mixed_float16`` (GPUs; ``fit`` adds loss scaling).
+- ``"mixed"``: bfloat16 on a CPU, float16 on a GPU.
+
+Inference also takes None: every layer keeps the dtype policy it was built with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# The training option's words before the vocabulary was one: still read from old configs.
+_FORMER_NAMES = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def resolve_precision(precision, allow_none=True):
+    """``"float32"``, ``"bfloat16"``, ``"float16"`` (or None) for a ``precision`` argument.
+
+    Args:
+        precision: one of :data:`PRECISIONS`, or None where ``allow_none``.
+        allow_none: bool. Whether None (keep the model's own policies) is accepted.
+
+    Returns:
+        The concrete precision: ``"mixed"`` becomes float16 with a GPU, else bfloat16.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision in _FORMER_NAMES:
+        warnings.warn(
+            f"precision {precision!r} is now called {_FORMER_NAMES[precision]!r}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        precision = _FORMER_NAMES[precision]
+    if precision is None and allow_none:
+        return None
+    if precision not in PRECISIONS:
+        choices = (*PRECISIONS, None) if allow_none else PRECISIONS
+        raise ValueError(f"precision must be one of {choices}, got {precision!r}")
+    if precision == "mixed":
+        import tensorflow as tf
+
+        return "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
+    return precision
+
+
+def keras_policy(precision):
+    """The Keras dtype policy name of a precision (``"bfloat16"`` -> ``"mixed_bfloat16"``)."""
+    return _POLICIES[resolve_precision(precision, allow_none=False)]
+
+
+@contextlib.contextmanager
+def dtype_policy(precision):
+    """Sets Keras' global dtype policy for ``precision`` inside the block."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(keras_policy(precision))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
