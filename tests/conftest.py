@@ -146,3 +146,35 @@ def tiny_batch():
     labels = rng.integers(0, 3, (8, 32, 32)).astype("int32")
     labels[:, :4] = 255
     return images, labels
+
+
+# The pixelwise model of the evaluation, prediction and inference tests, and numpy
+# computations of what it and the resizes give.
+KERNEL = np.array([[2.0, -1.0, 0.5], [-1.0, 2.0, 0.0], [0.5, 0.5, -2.0]])
+BIAS = np.array([0.1, -0.2, 0.05])
+MEAN, STD = np.array([100.0, 120.0, 140.0]), np.array([50.0, 60.0, 70.0])
+
+
+def numpy_logits(image):
+    """``pixelwise_model(KERNEL, BIAS)``'s logits, computed in numpy (float64)."""
+    return ((np.asarray(image, np.float64) - MEAN) / STD) @ KERNEL + BIAS
+
+
+def numpy_resize(array, size):
+    """Bilinear resize with half-pixel centres (tf.image.resize, OpenCV INTER_LINEAR)."""
+
+    def axis(n_out, n_in):
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(x).astype(int)
+        return low, np.minimum(low + 1, n_in - 1), x - low
+
+    (y0, y1, fy), (x0, x1, fx) = axis(size[0], array.shape[0]), axis(size[1], array.shape[1])
+    fy, fx = fy[:, None, None], fx[None, :, None]
+    top = array[y0][:, x0] * (1 - fx) + array[y0][:, x1] * fx
+    bottom = array[y1][:, x0] * (1 - fx) + array[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)

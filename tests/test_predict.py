@@ -5,6 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+from conftest import BIAS, KERNEL, MEAN, STD
 from PIL import Image
 
 from pspnet_tf import classes
@@ -12,7 +13,6 @@ from pspnet_tf.classes import CITYSCAPES_PALETTE
 from pspnet_tf.cli import main as cli_main
 from pspnet_tf.predict import (
     add_legend,
-    atomic_path,
     colorize,
     overlay,
     predict_image,
@@ -21,9 +21,6 @@ from pspnet_tf.predict import (
     save_label_png,
 )
 
-KERNEL = np.array([[2.0, -1.0, 0.5], [-1.0, 2.0, 0.0], [0.5, 0.5, -2.0]])
-BIAS = np.array([0.1, -0.2, 0.05])
-MEAN, STD = np.array([100.0, 120.0, 140.0]), np.array([50.0, 60.0, 70.0])
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
 
 
@@ -104,15 +101,6 @@ def test_legend_lists_only_the_classes_shown():
     assert tall.shape[0] > 10
     np.testing.assert_array_equal(tall[:10, :30], image[:10])
     assert (tall[10:, :30] == 255).all()
-
-
-def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "out.png") as temporary:
-            with open(temporary, "w") as f:
-                f.write("half")
-            raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_predict_folder_writes_labels_masks_and_overlays(pixelwise_model, tmp_path, rng):
