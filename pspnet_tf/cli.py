@@ -70,7 +70,14 @@ def _benchmark(args):
 
 
 def _load_model(path):
-    import os
+    """Loads the ``--model`` of evaluate, predict and export.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, or a ``.keras`` file that is not a readable zip (truncated,
+            a text file) or that Keras cannot load; the message names the file.
+    """
+    import zipfile
 
     import keras
 
@@ -78,7 +85,16 @@ def _load_model(path):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path!r}: no such file")
-    return keras.models.load_model(path, compile=False)
+    if os.path.isdir(path):
+        raise ValueError(f"model {path!r}: a folder, not a .keras file")
+    unreadable = f"model {path!r}: not a readable .keras file (truncated or not a Keras model)"
+    # Keras answers "File not found" for a file that is there but not a zip.
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ValueError(unreadable)
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{unreadable}: {_message(error)}") from error
 
 
 def _precision_argument(parser, default_text="the model's own"):
@@ -92,6 +108,7 @@ def _precision_argument(parser, default_text="the model's own"):
 
 
 def _evaluate(args):
+    """Scans the split first: bad pairs are skipped and listed (exit 1); --strict refuses."""
     from pspnet_tf.classes import resolve_classes
     from pspnet_tf.data import load_dataset
     from pspnet_tf.evaluation import (
@@ -103,14 +120,19 @@ def _evaluate(args):
     )
     from pspnet_tf.inference import as_predictor
 
-    predictor = as_predictor(_load_model(args.model), precision=args.precision)
-    num_classes = args.num_classes or predictor.num_classes
+    _check_positive(args, "num_classes", "crop_size", "stride", "base_size", "max_images", "scales")
+    crop_size = _height_width(args.crop_size, "--crop-size")
+    stride = _height_width(args.stride, "--stride")
     base_size = args.base_size or BASE_SIZES.get(args.layout)
     if args.mode == "multiscale" and not base_size:
         raise UsageError("--mode multiscale with --layout list needs --base-size")
+    predictor = as_predictor(_load_model(args.model), precision=args.precision)
+    num_classes = args.num_classes or predictor.num_classes
+    bad = _bad_pairs(args, num_classes)
     dataset = load_dataset(
-        args.data, args.layout, args.split, num_classes, batch_size=1, list_file=args.list_file
-    )
+        args.data, args.layout, args.split, num_classes, batch_size=1,
+        list_file=args.list_file, skip=bad,
+    )  # fmt: skip
     names, _, _ = resolve_classes(
         num_classes,
         args.class_names,
@@ -118,71 +140,117 @@ def _evaluate(args):
         dataset=args.layout,
     )
     report = evaluate(
-        predictor,
-        dataset,
-        num_classes,
-        mode=args.mode,
-        crop_size=_height_width(args.crop_size),
-        stride=_height_width(args.stride),
-        base_size=base_size,
-        scales=args.scales,
-        flip=not args.no_flip,
-        class_names=names,
+        predictor, dataset, num_classes, mode=args.mode, crop_size=crop_size, stride=stride,
+        base_size=base_size, scales=args.scales, flip=not args.no_flip, class_names=names,
         max_images=args.max_images,
-    )
+    )  # fmt: skip
+    report["skipped"] = [image for image, _ in bad]
     print(format_report(report))
     if args.json:
         print(f"wrote {write_json_report(report, args.json)}")
     if args.confusion_png:
         print(f"wrote {plot_confusion_matrix(report, args.confusion_png)}")
-    return 0
+    if bad:
+        reasons = [f"{image} ({_reason(problems)})" for (image, _), problems in bad.items()]
+        print(f"evaluated {report['num_images']} of {report['num_images'] + len(bad)} "
+              f"images; skipped: {', '.join(reasons)}")  # fmt: skip
+    return 1 if bad else 0
 
 
-def _height_width(values):
+def _bad_pairs(args, num_classes):
+    """The split's bad pairs, each warned about; with --strict the first one raises."""
+    from pspnet_tf.data import find_bad_pairs
+
+    bad = find_bad_pairs(args.data, args.layout, args.split, num_classes, list_file=args.list_file)
+    if bad and args.strict:
+        raise ValueError(next(iter(bad.values()))[0])
+    for problems in bad.values():
+        _warn("skipped: " + "; ".join(problems))
+    return bad
+
+
+def _reason(problems):
+    """A short reason from check-data's messages: ``truncated``, ``bad label``, ..."""
+    from pspnet_tf.image_files import REASONS
+
+    text = " ".join(problems)
+    for reason in REASONS:
+        if f"image ({reason})" in text:
+            return reason
+    return "file missing" if "file missing" in text else "bad label"
+
+
+def _warn(message):
+    import logging
+
+    logging.getLogger("pspnet_tf").warning("%s", message)
+
+
+def _check_positive(args, *names):
+    """UsageError naming the flag if one of ``names`` (int, float or list) is <= 0."""
+    for name in names:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and any(v <= 0 for v in values):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be positive, got {' '.join(map(str, values))}")
+
+
+def _height_width(values, flag="size"):
     """``[n]`` -> n, ``[h, w]`` -> (h, w), None -> None (for ``nargs="+"`` size options)."""
     if not values:
         return None
     if len(values) > 2:
-        raise UsageError(f"expected a size H or H W, got {values}")
+        raise UsageError(f"{flag}: expected a size H or H W, got {' '.join(map(str, values))}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
 def _predict(args):
+    """Unreadable images are skipped and listed (exit 1); --strict stops at the first."""
     from pspnet_tf.inference import as_predictor
-    from pspnet_tf.predict import predict_path
+    from pspnet_tf.predict import image_paths, is_video, predict_files, predict_video
 
+    _check_positive(args, "crop_size", "base_size")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    video = len(args.input) == 1 and is_video(args.input[0]) and os.path.isfile(args.input[0])
+    paths = None if video else image_paths(args.input)  # a bad --input fails before loading
+    options = dict(
+        outputs=args.outputs, legend=args.legend, alpha=args.alpha,
+        class_names=args.class_names or args.dataset, palette=args.dataset, mode=args.mode,
+        crop_size=_height_width(args.crop_size, "--crop-size"), base_size=args.base_size,
+    )  # fmt: skip
     predictor = as_predictor(_load_model(args.model), precision=args.precision)
-    written = predict_path(
-        predictor,
-        args.input,
-        args.output,
-        outputs=args.outputs,
-        legend=args.legend,
-        alpha=args.alpha,
-        class_names=args.class_names or args.dataset,
-        palette=args.dataset,
-        mode=args.mode,
-        crop_size=_height_width(args.crop_size),
-        base_size=args.base_size,
-    )
-    print(f"wrote {len(written)} files to {args.output}")
-    return 0
+    if video:
+        written = predict_video(predictor, args.input[0], args.output, **options)
+        print(f"wrote {len(written)} files to {args.output}")
+        return 0
+    skipped = None if args.strict else []
+    written = predict_files(predictor, paths, args.output, skipped=skipped, **options)
+    skipped = skipped or []
+    summary = f"wrote {len(written)} files to {args.output}: "
+    summary += f"{len(paths) - len(skipped)} of {len(paths)} images"
+    if skipped:
+        summary += "; skipped: " + ", ".join(f"{path} ({reason})" for path, reason in skipped)
+    print(summary)
+    return 1 if skipped else 0
 
 
 def _export(args):
     from pspnet_tf import export
 
-    model = _load_model(args.model)
+    # Flags first: a bad one fails before the model is loaded.
     if args.precision and args.format != "saved_model":
         raise UsageError("--precision applies to --format saved_model only")
+    if args.format == "tflite" and not args.input_size:
+        raise UsageError("--format tflite needs --input-size H [W]")
+    _check_positive(args, "input_size")
+    input_size = _height_width(args.input_size, "--input-size")
+    model = _load_model(args.model)
     if args.format == "saved_model":
         path = export.export_saved_model(model, args.output, precision=args.precision)
     elif args.format == "tflite":
-        if not args.input_size:
-            raise UsageError("--format tflite needs --input-size H [W]")
-        path = export.export_tflite(
-            model, args.output, _height_width(args.input_size), args.quantize
-        )
+        path = export.export_tflite(model, args.output, input_size, args.quantize)
     else:
         path = export.export_onnx(model, args.output)
     print(f"wrote {path}")
@@ -316,12 +384,25 @@ def build_parser():
     p.add_argument("--max-images", type=int, help="evaluate only the first N images")
     p.add_argument("--json", help="write the report as JSON to this file")
     p.add_argument("--confusion-png", help="draw the confusion matrix into this PNG")
+    p.add_argument(
+        "--strict", action="store_true",
+        help="refuse a split with a bad pair; by default the split is scanned first (as "
+        "check-data does), bad pairs are skipped and listed, and the exit code is 1",
+    )  # fmt: skip
     _precision_argument(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="label PNGs, coloured masks and overlays of images/video")
     p.add_argument("--model", required=True, help=".keras model file")
-    p.add_argument("--input", required=True, help="an image, a folder of images or a video")
+    p.add_argument(
+        "--input", required=True, nargs="+",
+        help="images and folders of images, or one video",
+    )  # fmt: skip
+    p.add_argument(
+        "--strict", action="store_true",
+        help="stop at the first unreadable image; by default it is skipped with a warning, "
+        "the rest are written, and the exit code is 1",
+    )  # fmt: skip
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--outputs", nargs="+", default=["labels", "masks", "overlays"],

@@ -28,12 +28,14 @@ from PIL import Image
 from pspnet_tf import augment
 from pspnet_tf.classes import IGNORE_LABEL
 from pspnet_tf.demo_data import DEMO_CLASSES, make_demo_dataset
+from pspnet_tf.image_files import UnreadableImage, read_rgb
 from pspnet_tf.layouts import LAYOUTS, label_lut, list_pairs, raise_if_missing
 
 __all__ = [
     "DEMO_CLASSES",
     "LAYOUTS",
     "check_dataset",
+    "find_bad_pairs",
     "label_lut",
     "list_pairs",
     "load_dataset",
@@ -235,6 +237,7 @@ def load_dataset(
     flip=True,
     pad_value=augment.MEAN_PIXEL,
     drop_remainder=False,
+    skip=(),
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of one split of a segmentation dataset.
 
@@ -271,6 +274,8 @@ def load_dataset(
         scale_range, max_rotation, blur, flip, pad_value: training augmentation, see
             :func:`pspnet_tf.augment.random_augment`.
         drop_remainder: bool, drop a last partial batch.
+        skip: ``(image, label)`` path pairs to leave out, e.g. the keys of
+            :func:`find_bad_pairs` (``pspnet-tf evaluate`` skips those).
 
     Returns:
         ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3), labels int32 (B, H, W))``
@@ -282,6 +287,10 @@ def load_dataset(
     """
     _check_args(layout, num_classes, crop_size, batch_size, training)
     pairs = list_pairs(root, layout, split, list_file=list_file)
+    skip = {tuple(pair) for pair in skip}
+    pairs = [pair for pair in pairs if tuple(pair) not in skip]
+    if not pairs:
+        raise ValueError(f"{root}: no usable image/label pairs in split {split!r}")
     raise_if_missing(pairs)
     lut = label_lut(layout, label_map)
     lut = None if (lut == np.arange(256)).all() else lut  # skip an identity lookup
@@ -323,11 +332,9 @@ def _check_pair(image_path, label_path, lut, num_classes):
     if problems:
         return problems
     try:
-        with Image.open(image_path) as image:
-            image.load()
-            image_size = image.size[::-1]
-    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
-        problems.append(f"{image_path}: unreadable or truncated image ({error})")
+        image_size = read_rgb(image_path, exif_transpose=False).shape[:2]
+    except UnreadableImage as error:
+        problems.append(f"{image_path}: unreadable or truncated image ({error.reason})")
         image_size = None
     try:
         with open(label_path, "rb") as file:
@@ -348,31 +355,55 @@ def _check_pair(image_path, label_path, lut, num_classes):
     return problems
 
 
-def check_dataset(
+def find_bad_pairs(
     root, layout, split, num_classes, *, list_file=None, label_map=None, workers=None
-) -> list[str]:
-    """Scans one split and returns every problem found, each message naming its file.
-
-    Checks what :func:`load_dataset` checks (missing split file, image or label; unreadable
-    or truncated image or label; RGB colour label; label size differing from the image;
-    label values >= ``num_classes`` other than 255), but reads every file with Pillow and
-    carries on after a problem.
+) -> dict:
+    """Scans one split and returns its bad pairs with their problems.
 
     Args:
         root, layout, split, num_classes, list_file, label_map: as in :func:`load_dataset`.
         workers: int, threads reading files; defaults to the number of CPUs.
 
     Returns:
-        list of str, empty if the split is clean.
+        dict ``(image path, label path) -> list of str`` problems (each naming its
+        file), in split order; empty if every pair is good.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or bad split file, an unknown layout.
     """
     if layout not in LAYOUTS:
-        return [f"unknown layout {layout!r}; expected one of {LAYOUTS}"]
-    try:
-        pairs = list_pairs(root, layout, split, list_file=list_file)
-    except (OSError, ValueError) as error:
-        return [str(error)]
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    pairs = list_pairs(root, layout, split, list_file=list_file)
     lut = label_lut(layout, label_map)
     check = functools.partial(_check_pair, lut=lut, num_classes=int(num_classes))
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         results = list(pool.map(lambda pair: check(*pair), pairs))
-    return [problem for result in results for problem in result]
+    return {tuple(pair): found for pair, found in zip(pairs, results, strict=True) if found}
+
+
+def check_dataset(
+    root, layout, split, num_classes, *, list_file=None, label_map=None, workers=None
+) -> list[str]:
+    """Scans one split and returns every problem found, each message naming its file.
+
+    Checks what :func:`load_dataset` checks (missing split file, image or label; unreadable,
+    truncated or damaged image or label; RGB colour label; label size differing from the
+    image; label values >= ``num_classes`` other than 255), but reads every file with
+    Pillow (images through :func:`pspnet_tf.image_files.read_rgb`) and carries on after a
+    problem.
+
+    Args:
+        root, layout, split, num_classes, list_file, label_map, workers: as in
+            :func:`find_bad_pairs`.
+
+    Returns:
+        list of str, empty if the split is clean.
+    """
+    try:
+        bad = find_bad_pairs(
+            root, layout, split, num_classes, list_file=list_file, label_map=label_map,
+            workers=workers,
+        )  # fmt: skip
+    except (OSError, ValueError) as error:
+        return [str(error)]
+    return [problem for found in bad.values() for problem in found]

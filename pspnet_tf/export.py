@@ -15,6 +15,15 @@ signature, a wrong rank or channel count by a shape check (a restored signature
 does not check shapes itself, and a rank-3 image would otherwise crash inside
 a convolution), an empty image by an explicit assertion.
 
+Dtypes: a *tensor* of another dtype is refused by the signature, but a *numpy
+array* is not: TensorFlow converts it to the signature's uint8 in Python, before
+the graph runs, with a C cast (0.5 -> 0, 300 -> 44, -1 -> 255), both through
+``loaded.serving_default`` and ``loaded.signatures["serving_default"]``. Nothing
+inside a SavedModel can see or stop that (a graph that took several dtypes to
+refuse the others made the restored function retrace for every image size), so
+load it with :func:`load_saved_model`, which refuses anything but uint8, or pass
+uint8 arrays yourself. TF Serving checks the request's dtype itself.
+
 :func:`export_tflite` writes a float32 or dynamic-range quantised TFLite model
 for one input size; :func:`run_tflite` runs it. :func:`export_onnx` converts the
 any-size serving function with ``tf2onnx`` (the ``onnx`` extra).
@@ -243,6 +252,36 @@ def export_onnx(model, path, opset=17):
     return os.fspath(path)
 
 
+def load_saved_model(path):
+    """Loads an exported SavedModel as a function that refuses non-uint8 images.
+
+    Args:
+        path: str. A directory written by :func:`export_saved_model`.
+
+    Returns:
+        A function of ``images`` (uint8 ``(batch, height, width, 3)`` numpy array or
+        tensor) returning the dict of ``labels`` and ``probabilities`` tensors. Another
+        dtype raises ``ValueError`` ("images must be uint8 ..."): TensorFlow would
+        otherwise wrap it to uint8 silently (see the module docstring). The loaded
+        object is ``function.loaded``.
+    """
+    loaded = tf.saved_model.load(os.fspath(path))
+
+    def serve(images):
+        dtype = getattr(images, "dtype", None)
+        if dtype is None or tf.as_dtype(dtype) != tf.uint8:
+            got = tf.as_dtype(dtype).name if dtype is not None else type(images).__name__
+            raise ValueError(
+                f"{path}: images must be uint8 RGB 0-255, got {got}; convert them yourself, "
+                "e.g. np.clip(images, 0, 255).astype(np.uint8) (TensorFlow would wrap 300 "
+                "to 44 and -1 to 255)"
+            )
+        return loaded.serving_default(tf.convert_to_tensor(images))
+
+    serve.loaded = loaded  # the variables live as long as the loaded object
+    return serve
+
+
 def saved_model_agreement(model, path, images):
     """Fraction of pixels where a SavedModel's labels equal the Keras model's.
 
@@ -254,12 +293,12 @@ def saved_model_agreement(model, path, images):
     Returns:
         float in [0, 1], over all pixels of all images.
     """
-    loaded = tf.saved_model.load(os.fspath(path))
+    serve = load_saved_model(path)
     predictor = as_predictor(model)
     equal = total = 0
     for image in images:
         image = np.asarray(image, np.uint8)
-        exported = loaded.serving_default(tf.constant(image[None]))["labels"].numpy()[0]
+        exported = serve(image[None])["labels"].numpy()[0]
         expected = np.argmax(predictor(image[None].astype(np.float32))[0], axis=-1)
         equal += int((exported == expected).sum())
         total += expected.size

@@ -15,20 +15,23 @@ model's own metadata, else from the VOC-style bit palette and ``class_<k>``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import cv2
 import keras
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from pspnet_tf import classes
 from pspnet_tf.files import atomic_path
+from pspnet_tf.image_files import UnreadableImage, read_rgb
 from pspnet_tf.inference import as_predictor, predict_scores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
 OUTPUTS = ("labels", "masks", "overlays")
+log = logging.getLogger("pspnet_tf")
 
 
 def as_rgb(image, name="image"):
@@ -138,15 +141,22 @@ def add_legend(image, class_names, palette, labels=None):
 
 
 def read_image(path):
-    """Reads an image file as ``(H, W, 3)`` uint8 RGB (EXIF rotation applied)."""
-    path = os.fspath(path)
+    """Reads an image file as ``(H, W, 3)`` uint8 RGB (EXIF rotation applied).
+
+    16-bit grayscale is scaled to 8 bits, with a warning; see
+    :func:`pspnet_tf.image_files.read_rgb`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        pspnet_tf.image_files.UnreadableImage: (a ValueError) empty, truncated, damaged
+            or not an image; the message names the file.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path!r}: no such file") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"image {path!r}: not a readable image ({error})") from error
+        return read_rgb(path)
+    except UnreadableImage as error:
+        if error.reason == "no such file":
+            raise FileNotFoundError(str(error)) from None
+        raise
 
 
 def save_image(image, path):
@@ -194,36 +204,66 @@ def list_images(folder):
     ]
 
 
+def is_video(source):
+    """Whether ``source`` is a video file, by its extension."""
+    return os.path.splitext(os.fspath(source))[1].lower() in VIDEO_EXTENSIONS
+
+
+def image_paths(sources):
+    """The image files of one input or a list of them (image files and folders).
+
+    Args:
+        sources: str, path-like or a list of them. A folder stands for the images
+            directly in it (by extension, sorted by name).
+
+    Returns:
+        list of str.
+
+    Raises:
+        FileNotFoundError: an input that is neither a file nor a folder.
+        ValueError: a folder without images, a file that is not an image by its
+            extension (a video among several inputs included).
+    """
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    paths = []
+    for source in map(os.fspath, sources):
+        extension = os.path.splitext(source)[1].lower()
+        if os.path.isdir(source):
+            found = list_images(source)
+            if not found:
+                raise ValueError(f"input folder {source!r} holds no images ({IMAGE_EXTENSIONS})")
+            paths += found
+        elif not os.path.isfile(source):
+            raise FileNotFoundError(f"input {source!r}: no such file or folder")
+        elif extension in IMAGE_EXTENSIONS:
+            paths.append(source)
+        else:
+            raise ValueError(
+                f"input {source!r}: unknown extension {extension!r}; expected an image "
+                f"{IMAGE_EXTENSIONS}, a folder, or a video {VIDEO_EXTENSIONS} on its own"
+            )
+    return paths
+
+
 def predict_path(model, source, output_dir, **options):
-    """Predicts an image file, every image in a folder, or a video file.
+    """Predicts an image file, every image in a folder, a list of them, or a video file.
 
     Args:
         model: a Keras segmentation model or a :class:`pspnet_tf.inference.Predictor`.
         source: str. An image, a folder of images (not recursive) or a video
-            (by extension: ``.mp4``, ``.avi``, ...).
+            (by extension: ``.mp4``, ``.avi``, ...); or a list of images and folders.
         output_dir: str. Created if needed.
-        **options: see :func:`predict_files` (images) and :func:`predict_video`.
+        **options: see :func:`predict_files` (images; ``skipped`` there) and
+            :func:`predict_video`.
 
     Returns:
         list of the files written.
     """
-    source = os.fspath(source)
-    extension = os.path.splitext(source)[1].lower()
-    if os.path.isdir(source):
-        paths = list_images(source)
-        if not paths:
-            raise ValueError(f"input folder {source!r} holds no images ({IMAGE_EXTENSIONS})")
-        return predict_files(model, paths, output_dir, **options)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f"input {source!r}: no such file or folder")
-    if extension in VIDEO_EXTENSIONS:
+    if isinstance(source, (str, os.PathLike)) and is_video(source):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"input {os.fspath(source)!r}: no such file or folder")
         return predict_video(model, source, output_dir, **options)
-    if extension in IMAGE_EXTENSIONS:
-        return predict_files(model, [source], output_dir, **options)
-    raise ValueError(
-        f"input {source!r}: unknown extension {extension!r}; expected an image "
-        f"{IMAGE_EXTENSIONS}, a video {VIDEO_EXTENSIONS} or a folder"
-    )
+    return predict_files(model, image_paths(source), output_dir, **options)
 
 
 def _visuals(predictor, class_names, palette):
@@ -262,6 +302,7 @@ def predict_files(
     mode="single",
     verbose=1,
     precision=None,
+    skipped=None,
     **options,
 ):
     """Predicts image files and writes their outputs, with a Keras progress bar.
@@ -283,9 +324,15 @@ def predict_files(
         verbose: int. 1 shows a progress bar.
         precision: None, ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"mixed"``:
             the compute dtype, see :class:`pspnet_tf.inference.Predictor`.
+        skipped: None or a list. None: an unreadable image (missing, empty, truncated,
+            damaged) raises :class:`pspnet_tf.image_files.UnreadableImage` naming it,
+            after the images before it were written. A list: such an image is skipped
+            with a warning and ``(path, reason)`` appended to the list; the rest are
+            written.
 
     Returns:
-        list of the files written.
+        list of the files written (each complete: written under a temporary name
+        and renamed).
     """
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
@@ -298,7 +345,14 @@ def predict_files(
     progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
     written = []
     for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
-        image = read_image(path)
+        try:
+            image = read_rgb(path)
+        except UnreadableImage as error:
+            if skipped is None:
+                raise
+            log.warning("skipped %s", error)
+            skipped.append((path, error.reason))
+            continue
         labels = predict_image(predictor, image, mode, **options)
         if "labels" in outputs:
             target = os.path.join(output_dir, "labels", f"{stem}.png")
@@ -372,6 +426,8 @@ def predict_video(
             progress.update(index)
         if index == 0:
             raise ValueError(f"video {path!r}: no frames could be read")
+        if frames and index < frames:  # the container's count, not always exact
+            log.warning("video %r: read %d of the %d frames it announces", path, index, frames)
         for writer in writers.values():
             writer.release()  # flush before atomic_path renames the file
     return written + list(targets.values())
