@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "DEMO_CLASSES",
     "LAYOUTS",
     "check_dataset",
+    "check_pairs",
     "label_lut",
     "list_pairs",
     "load_dataset",
@@ -235,6 +237,7 @@ def load_dataset(
     flip=True,
     pad_value=augment.MEAN_PIXEL,
     drop_remainder=False,
+    pairs=None,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of one split of a segmentation dataset.
 
@@ -271,6 +274,8 @@ def load_dataset(
         scale_range, max_rotation, blur, flip, pad_value: training augmentation, see
             :func:`pspnet_tf.augment.random_augment`.
         drop_remainder: bool, drop a last partial batch.
+        pairs: list of ``(image_path, label_path)`` or None. Read these instead of the
+            split's list (e.g. the pairs :func:`check_pairs` found good).
 
     Returns:
         ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3), labels int32 (B, H, W))``
@@ -281,7 +286,8 @@ def load_dataset(
         ValueError: bad arguments or split file lines.
     """
     _check_args(layout, num_classes, crop_size, batch_size, training)
-    pairs = list_pairs(root, layout, split, list_file=list_file)
+    if pairs is None:
+        pairs = list_pairs(root, layout, split, list_file=list_file)
     raise_if_missing(pairs)
     lut = label_lut(layout, label_map)
     lut = None if (lut == np.arange(256)).all() else lut  # skip an identity lookup
@@ -371,8 +377,56 @@ def check_dataset(
         pairs = list_pairs(root, layout, split, list_file=list_file)
     except (OSError, ValueError) as error:
         return [str(error)]
+    results = check_pairs(pairs, layout, num_classes, label_map=label_map, workers=workers)
+    return [problem for result in results for problem in result]
+
+
+def check_pairs(pairs, layout, num_classes, *, label_map=None, workers=None) -> list[list[str]]:
+    """The problems of each ``(image_path, label_path)`` pair, as :func:`check_dataset` finds.
+
+    Returns:
+        list (one entry per pair, in order) of lists of str, empty for a good pair.
+    """
     lut = label_lut(layout, label_map)
     check = functools.partial(_check_pair, lut=lut, num_classes=int(num_classes))
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda pair: check(*pair), pairs))
-    return [problem for result in results for problem in result]
+        return list(pool.map(lambda pair: check(*pair), pairs))
+
+
+def first_undecodable(pairs, layout, num_classes, *, label_map=None):
+    """The first pair that the ``tf.data`` decode path rejects, and TensorFlow's reason.
+
+    For errors that name no file (``jpeg::Uncompress failed``): decodes every pair as
+    :func:`load_dataset` does, in parallel, keeping the indices that pass.
+
+    Returns:
+        ``(path, reason)`` (the image's path, or the label's if the image decodes), or None.
+    """
+    lut = label_lut(layout, label_map)
+    lut = None if (lut == np.arange(256)).all() else lut
+    images, labels = ([pair[i] for pair in pairs] for i in (0, 1))
+
+    def decodes(index, image_path, label_path):
+        image, label = _load_pair(image_path, label_path, lut, int(num_classes))
+        with tf.control_dependencies([tf.size(image), tf.size(label)]):
+            return tf.identity(index)
+
+    indices = tf.data.Dataset.from_tensor_slices((tf.range(len(pairs)), images, labels))
+    indices = indices.map(decodes, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    good = {int(i) for i in indices.as_numpy_iterator()}
+    bad = [i for i in range(len(pairs)) if i not in good]
+    if not bad:
+        return None
+    image_path, label_path = pairs[bad[0]]
+    for path, decode in ((image_path, _decode_image), (label_path, _decode_label)):
+        try:
+            decode(tf.constant(path))
+        except tf.errors.OpError as error:
+            return path, tf_error_text(error)
+    return label_path, "rejected with its image by the decode checks"
+
+
+def tf_error_text(error):
+    """A TensorFlow error's own words on one line, without the graph node and op names."""
+    text = re.sub(r"\{\{[^}]*\}\}", "", error.message).split("\n")[0]
+    return " ".join(re.split(r"\s\[\[|\s\[Op:", text)[0].split())
