@@ -190,12 +190,25 @@ def _export(args):
 
 
 def _train(args):
-    from pspnet_tf.training import DEFAULTS, train
+    from pspnet_tf.training import DEFAULTS, ConfigError, train
 
     # Only the flags given on the command line override the config file.
     overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
-    train(args.config, **overrides)
+    try:
+        train(args.config, **overrides)
+    except ConfigError as error:
+        raise UsageError(_train_flag_message(error, overrides, args.config)) from None
     return 0
+
+
+def _train_flag_message(error, overrides, config_file):
+    """A config error in the words of the command line: the flag, or the config file."""
+    message, key = str(error), error.key
+    if key in overrides and message.startswith(f"{key} "):
+        return f"--{key.replace('_', '-')}{message[len(key) :]}"
+    if config_file and key not in overrides and key != "config":
+        return f"{message} (in {config_file})"
+    return message
 
 
 def _convert(args):
@@ -370,6 +383,10 @@ def build_parser():
     p.add_argument("--strategy", choices=["auto", "none", "mirrored", "multi_worker"])
     p.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction)
     p.add_argument("--cache", action=argparse.BooleanOptionalAction)
+    p.add_argument(
+        "--bad-files", choices=["refuse", "skip"],
+        help="bad image/label pairs found before training: refuse the run (default) or skip them",
+    )  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--verbose", type=int, choices=[0, 1, 2])
     p.add_argument("--output", help="run folder: model.keras, checkpoints, logs, config")

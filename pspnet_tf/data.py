@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -391,42 +390,3 @@ def check_pairs(pairs, layout, num_classes, *, label_map=None, workers=None) -> 
     check = functools.partial(_check_pair, lut=lut, num_classes=int(num_classes))
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda pair: check(*pair), pairs))
-
-
-def first_undecodable(pairs, layout, num_classes, *, label_map=None):
-    """The first pair that the ``tf.data`` decode path rejects, and TensorFlow's reason.
-
-    For errors that name no file (``jpeg::Uncompress failed``): decodes every pair as
-    :func:`load_dataset` does, in parallel, keeping the indices that pass.
-
-    Returns:
-        ``(path, reason)`` (the image's path, or the label's if the image decodes), or None.
-    """
-    lut = label_lut(layout, label_map)
-    lut = None if (lut == np.arange(256)).all() else lut
-    images, labels = ([pair[i] for pair in pairs] for i in (0, 1))
-
-    def decodes(index, image_path, label_path):
-        image, label = _load_pair(image_path, label_path, lut, int(num_classes))
-        with tf.control_dependencies([tf.size(image), tf.size(label)]):
-            return tf.identity(index)
-
-    indices = tf.data.Dataset.from_tensor_slices((tf.range(len(pairs)), images, labels))
-    indices = indices.map(decodes, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    good = {int(i) for i in indices.as_numpy_iterator()}
-    bad = [i for i in range(len(pairs)) if i not in good]
-    if not bad:
-        return None
-    image_path, label_path = pairs[bad[0]]
-    for path, decode in ((image_path, _decode_image), (label_path, _decode_label)):
-        try:
-            decode(tf.constant(path))
-        except tf.errors.OpError as error:
-            return path, tf_error_text(error)
-    return label_path, "rejected with its image by the decode checks"
-
-
-def tf_error_text(error):
-    """A TensorFlow error's own words on one line, without the graph node and op names."""
-    text = re.sub(r"\{\{[^}]*\}\}", "", error.message).split("\n")[0]
-    return " ".join(re.split(r"\s\[\[|\s\[Op:", text)[0].split())
