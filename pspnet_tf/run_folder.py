@@ -190,6 +190,8 @@ class Backup(keras.callbacks.BackupAndRestore):
                 can be read.
         """
         problems = []
+        if not os.path.exists(self._weights_path) and os.path.exists(self._prev_weights_path):
+            problems.append(f"{self._weights_path}: missing (killed while replacing it)")
         for path, metadata in (
             (self._weights_path, self._training_metadata_path),
             (self._prev_weights_path, self._prev_training_metadata_path),
@@ -234,7 +236,9 @@ class Backup(keras.callbacks.BackupAndRestore):
             raise ValueError(f"{'; '.join(problems)}; no readable backup to resume from; "
                              f"{start_again(output)}")  # fmt: skip
         # Keras' callback killed while writing its first backup: no epoch ever finished.
-        os.remove(self._weights_path)
+        for path in (self._weights_path, self._prev_weights_path):
+            if os.path.exists(path):
+                os.remove(path)
         note(f"{problems[0]}: removed, the first backup was never finished; starting at epoch 1")
         return 0
 

@@ -26,6 +26,7 @@ from pspnet_tf.demo_data import make_demo_dataset
 from pspnet_tf.training import train
 
 EPOCHS, STEPS = 2, 2  # 4 training images, batch 2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -311,6 +312,41 @@ def test_kill_during_the_first_backup_write_leaves_a_run_that_resumes(
     assert not hidden_temporaries(output)
 
 
+_DIE_IN_FIRST_BACKUP = """
+import os, signal, sys
+import keras
+from pspnet_tf import cli
+save_weights = keras.Model.save_weights
+def die_while_writing(self, path, *args, **kwargs):
+    save_weights(self, path, *args, **kwargs)
+    with open(path, "r+b") as file:
+        file.truncate(96)
+    os.kill(os.getpid(), signal.SIGKILL)
+keras.Model.save_weights = die_while_writing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_first_backup_write_then_the_same_command_resumes(
+    clean_data, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    argv = train_args(clean_data, output)
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    killed = subprocess.run([sys.executable, "-c", _DIE_IN_FIRST_BACKUP, *argv], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (left,) = os.listdir(output / "backup")  # the temporary, nothing under the final name
+    assert left.startswith(".latest.tmp") and left.endswith(".weights.h5")
+    code, out, error = run(argv, capsys)
+    assert code == 0, error
+    assert f"removed {output / 'backup' / left}: a temporary file of a killed run" in out
+    assert history_epochs(output) == [0, 1]
+    assert optimizer_steps(output) == EPOCHS * STEPS
+    assert not hidden_temporaries(output)
+
+
 def test_corrupt_checkpoints_of_a_finished_run_are_said_and_rewritten(clean_data, run_copy, capsys):
     last = os.path.join(run_copy, "checkpoints", "last.keras")
     best = os.path.join(run_copy, "checkpoints", "best.keras")
@@ -337,6 +373,16 @@ def test_corrupt_config_of_a_run_with_backups_is_refused(clean_data, run_copy, c
     open(config, "w").write("epochs: [2\n")
     code, _, error = run(train_args(clean_data, run_copy), capsys)
     assert code == 1 and f"{config}: corrupt run config" in error and "rm -r" in error, error
+
+
+def test_a_corrupt_config_where_no_epoch_finished_is_replaced_and_said(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("epochs: [2\n")
+    run_folder.prepare(str(tmp_path), {"epochs": 3}, write=False)
+    assert "config.yaml" not in capsys.readouterr().out  # only compared
+    assert (tmp_path / "config.yaml").read_text() == "epochs: [2\n"
+    run_folder.prepare(str(tmp_path), {"epochs": 3})
+    assert f"{tmp_path / 'config.yaml'}: corrupt run config (" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"epochs": 3}
 
 
 def test_a_failed_run_does_not_block_the_corrected_command(clean_data, tmp_path, capsys):
@@ -388,6 +434,34 @@ def _dead_pid():
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)  # fmt: skip
     return int(child.stdout)
+
+
+def _tiny_compiled_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_a_kill_between_the_backup_renames_resumes_from_the_previous(tmp_path, capsys):
+    backup = run_folder.Backup(str(tmp_path / "backup"))
+    backup.set_model(_tiny_compiled_model())
+    for epoch in (1, 2):
+        backup.model.optimizer.iterations.assign(epoch * 10)
+        backup.save(epoch)
+    latest = tmp_path / "backup" / "latest.weights.h5"
+    os.remove(latest)  # renamed to .bkp, the new one not yet renamed into place
+    fresh = run_folder.Backup(str(tmp_path / "backup"))
+    fresh.set_model(_tiny_compiled_model())
+    assert fresh.restore() == 1
+    assert int(fresh.model.optimizer.iterations.numpy()) == 10
+    assert (
+        f"{latest}: missing (killed while replacing it); resumed from {latest}.bkp (after "
+        "epoch 1): epoch 2 runs again" in capsys.readouterr().out
+    )
+    assert sorted(os.listdir(tmp_path / "backup")) == [
+        "latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json"
+    ]  # fmt: skip
 
 
 def test_history_log_drops_rows_of_epochs_run_again(tmp_path, capsys):
