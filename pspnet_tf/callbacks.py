@@ -1,9 +1,10 @@
 """Callbacks of a training run: freezing, checkpoints, logs, resume, NaN guard.
 
 :func:`make_callbacks` assembles them in the order they must run; Keras ships
-``BackupAndRestore`` (resume), ``CSVLogger`` and ``TensorBoard``, the rest is here
-because Keras' versions do not do what a resumable segmentation run needs (each
-class says why).
+``TensorBoard`` and the progress bar, :mod:`pspnet_tf.run_folder` the resume state
+(``BackupAndRestore`` made safe to kill) and the CSV log (``CSVLogger`` that holds each
+epoch once), the rest is here because Keras' versions do not do what a resumable
+segmentation run needs (each class says why).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ class Checkpoints(keras.callbacks.Callback):
 
     Not ``keras.callbacks.ModelCheckpoint`` because a checkpoint here must (1) be
     the inference model, not the training model with its aux head, (2) be written
-    atomically, as runs are killed and resumed, and (3) remember the best score
-    across a resume (read back from the CSV log).
+    atomically, as runs are killed and resumed, (3) remember the best score
+    across a resume (read back from the CSV log), and (4) name a corrupt checkpoint
+    found at the start, remove it and write ``last.keras`` again.
 
     Args:
         directory: str. Folder of the two files.
@@ -216,8 +218,8 @@ def make_callbacks(
     """The callbacks of a training run writing into ``output_dir``.
 
     Args:
-        output_dir: str. Gets ``backup/`` (``BackupAndRestore``: weights, optimizer
-            state and epoch, for resuming), ``checkpoints/{last,best}.keras``,
+        output_dir: str. Gets ``backup/`` (:class:`pspnet_tf.run_folder.Backup`:
+            weights, optimizer state and epoch, for resuming), ``checkpoints/{last,best}.keras``,
             ``history.csv`` and ``logs/`` (TensorBoard, if the ``tensorboard``
             package is installed: ``pip install pspnet_tf[tensorboard]``).
         model: the compiled training model (for the log key names).
