@@ -64,9 +64,10 @@ def has_finished_epoch(output):
 def prepare(output, config, *, write=True, resumable_changes=()):
     """Cleans ``output`` of a killed run's temporaries, checks and writes ``config.yaml``.
 
-    Call it on the chief only (temporaries are told apart by the writer's pid, which only
-    means something on the machine that wrote them), after every check of the config and
-    data has passed: this is the first write into ``output``.
+    Writes (``write=True``) on the chief only, as temporaries are told apart by the
+    writer's pid, which only means something on the machine that wrote them; and only
+    after every check of the config and data has passed: it is the first write into
+    ``output``. ``write=False`` only compares, reading nothing but ``config.yaml``.
 
     Args:
         output: str. The run folder (created if missing).
@@ -200,7 +201,7 @@ class Backup(keras.callbacks.BackupAndRestore):
                 continue
             try:
                 epoch = self._load(path, metadata)
-            except (OSError, ValueError, KeyError, TypeError) as error:
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
                 problems.append(f"{path}: corrupt backup ({_one_line(error)})")
                 continue
             if problems:

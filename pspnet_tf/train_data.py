@@ -48,9 +48,12 @@ def scan(config):
         FileNotFoundError, ValueError: naming the split file, an empty split, or (with
             ``bad_files: refuse``) the first bad file, after printing every problem.
     """
-    train, skipped = _scan_split(config, config["train_split"], config["train_list"])
+    train_source = (config["train_split"], config["train_list"])
+    train, skipped = _scan_split(config, *train_source)
     val = None
-    if config["val_split"]:
+    if (config["val_split"], config["val_list"]) == train_source:
+        val = train  # validating on the training images: read them once
+    elif config["val_split"]:
         val, val_skipped = _scan_split(config, config["val_split"], config["val_list"])
         skipped += val_skipped
     return Scanned(train, val, skipped)
