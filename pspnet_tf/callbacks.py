@@ -1,9 +1,10 @@
 """Callbacks of a training run: freezing, checkpoints, logs, resume, NaN guard.
 
 :func:`make_callbacks` assembles them in the order they must run; Keras ships
-``BackupAndRestore`` (resume), ``CSVLogger`` and ``TensorBoard``, the rest is here
-because Keras' versions do not do what a resumable segmentation run needs (each
-class says why).
+``TensorBoard`` and the progress bar, :mod:`pspnet_tf.run_folder` the resume state
+(``BackupAndRestore`` made safe to kill) and the CSV log (``CSVLogger`` that holds each
+epoch once), the rest is here because Keras' versions do not do what a resumable
+segmentation run needs (each class says why).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from pspnet_tf.files import atomic_path
 from pspnet_tf.network import backbone_layers, inference_model
+from pspnet_tf.run_folder import Backup, History, keras_file_problem, note
 
 
 def log_key(model, name):
@@ -57,8 +59,9 @@ class Checkpoints(keras.callbacks.Callback):
 
     Not ``keras.callbacks.ModelCheckpoint`` because a checkpoint here must (1) be
     the inference model, not the training model with its aux head, (2) be written
-    atomically, as runs are killed and resumed, and (3) remember the best score
-    across a resume (read back from the CSV log).
+    atomically, as runs are killed and resumed, (3) remember the best score
+    across a resume (read back from the CSV log), and (4) name a corrupt checkpoint
+    found at the start, remove it and write ``last.keras`` again.
 
     Args:
         directory: str. Folder of the two files.
@@ -80,9 +83,32 @@ class Checkpoints(keras.callbacks.Callback):
         if self.history_csv and os.path.isfile(self.history_csv):
             with open(self.history_csv, newline="") as file:
                 for row in csv.DictReader(file):
-                    value = float(row.get(self.monitor) or "nan")
+                    value = _float(row.get(self.monitor))
                     if math.isfinite(value) and self._better(value, self.best):
                         self.best = value
+        self._remove_corrupt_files()
+
+    def _remove_corrupt_files(self):
+        """A corrupt checkpoint is named and removed; last.keras is written again at the end."""
+        for name in ("last.keras", "best.keras"):
+            path = os.path.join(self.directory, name)
+            problem = os.path.isfile(path) and keras_file_problem(path)
+            if not problem:
+                continue
+            os.remove(path)
+            if name == "best.keras":
+                self.best = None
+                note(f"{path}: corrupt checkpoint ({problem}): removed; its weights are lost, "
+                     "best.keras will be the best of the epochs still to run")  # fmt: skip
+            else:
+                note(f"{path}: corrupt checkpoint ({problem}): removed; written again from the "
+                     "restored training state")  # fmt: skip
+
+    def on_train_end(self, logs=None):
+        last = os.path.join(self.directory, "last.keras")
+        if not os.path.isfile(last):  # removed as corrupt, and no epoch left to run
+            with atomic_path(last) as temporary:
+                inference_model(self.model).save(temporary)
 
     def on_epoch_end(self, epoch, logs=None):
         last = os.path.join(self.directory, "last.keras")
@@ -93,6 +119,13 @@ class Checkpoints(keras.callbacks.Callback):
             self.best = float(value)
             with atomic_path(os.path.join(self.directory, "best.keras")) as temporary:
                 shutil.copyfile(last, temporary)
+
+
+def _float(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 class EpochSummary(keras.callbacks.Callback):
@@ -107,11 +140,14 @@ class EpochSummary(keras.callbacks.Callback):
         epochs: int. Total epochs of the run.
         miou_key: str. Log key of the validation mIoU.
         print_fn: callable taking a str. Defaults to ``print``.
+        skipped_files: int. Bad pairs left out of the run (``bad_files: skip``); said
+            on every line when not 0.
     """
 
-    def __init__(self, epochs, miou_key="val_crop_miou", print_fn=print):
+    def __init__(self, epochs, miou_key="val_crop_miou", print_fn=print, skipped_files=0):
         super().__init__()
         self.epochs, self.miou_key, self.print_fn = epochs, miou_key, print_fn
+        self.skipped_files = int(skipped_files)
         self._start = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -125,6 +161,8 @@ class EpochSummary(keras.callbacks.Callback):
         if self.miou_key in logs:
             parts.append(f"val crop mIoU {logs[self.miou_key]:.4f}")
         parts += [f"lr {lr:.3g}", f"{time.perf_counter() - self._start:.1f} s"]
+        if self.skipped_files:
+            parts.append(f"{self.skipped_files} bad files skipped")
         self.print_fn(" - ".join(parts))
 
 
@@ -160,12 +198,14 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
 WORKER_CALLBACKS = (TerminateOnNaN, BackboneFreeze)
 
 
-def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, validation=True):
+def make_callbacks(
+    output_dir, model, *, epochs, freeze_backbone_epochs=0, validation=True, skipped_files=0
+):
     """The callbacks of a training run writing into ``output_dir``.
 
     Args:
-        output_dir: str. Gets ``backup/`` (``BackupAndRestore``: weights, optimizer
-            state and epoch, for resuming), ``checkpoints/{last,best}.keras``,
+        output_dir: str. Gets ``backup/`` (:class:`pspnet_tf.run_folder.Backup`:
+            weights, optimizer state and epoch, for resuming), ``checkpoints/{last,best}.keras``,
             ``history.csv`` and ``logs/`` (TensorBoard, if the ``tensorboard``
             package is installed: ``pip install pspnet_tf[tensorboard]``).
         model: the compiled training model (for the log key names).
@@ -173,6 +213,8 @@ def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, valid
         freeze_backbone_epochs: int. See :class:`BackboneFreeze`.
         validation: bool. Whether ``fit`` gets validation data (``best.keras`` then
             follows val mIoU, else the training loss).
+        skipped_files: int. Bad image/label pairs left out of the run, said in every
+            epoch's summary line.
 
     Returns:
         list of callbacks, in the order they must run.
@@ -182,22 +224,19 @@ def make_callbacks(output_dir, model, *, epochs, freeze_backbone_epochs=0, valid
     callbacks = [TerminateOnNaN()]
     if freeze_backbone_epochs:
         callbacks.append(BackboneFreeze(freeze_backbone_epochs))
-    callbacks += [
+    callbacks += [  # History and Backup: pspnet_tf.run_folder says why not Keras' own
         # Here rather than appended by fit, so that the bar ends its line before the summary.
         keras.callbacks.ProgbarLogger(),
-        EpochSummary(epochs, miou),
+        EpochSummary(epochs, miou, skipped_files=skipped_files),
         Checkpoints(
             os.path.join(output_dir, "checkpoints"),
             monitor=miou if validation else "loss",
             mode="max" if validation else "min",
             history_csv=history_csv,
         ),
-        keras.callbacks.CSVLogger(history_csv, append=True),
+        History(history_csv),
         # Last, so that an epoch counts as done only once everything above is written.
-        # double_checkpoint: a kill while writing leaves the previous backup usable.
-        keras.callbacks.BackupAndRestore(
-            os.path.join(output_dir, "backup"), double_checkpoint=True, delete_checkpoint=False
-        ),
+        Backup(os.path.join(output_dir, "backup")),
     ]
     if importlib.util.find_spec("tensorboard"):  # TF >= 2.20 no longer installs it
         callbacks.insert(-1, keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")))

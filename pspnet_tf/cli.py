@@ -110,7 +110,7 @@ def _precision_argument(parser, default_text="the model's own"):
 def _evaluate(args):
     """Scans the split first: bad pairs are skipped and listed (exit 1); --strict refuses."""
     from pspnet_tf.classes import resolve_classes
-    from pspnet_tf.data import load_dataset
+    from pspnet_tf.data import load_dataset, short_reason
     from pspnet_tf.evaluation import (
         BASE_SIZES,
         evaluate,
@@ -151,7 +151,7 @@ def _evaluate(args):
     if args.confusion_png:
         print(f"wrote {plot_confusion_matrix(report, args.confusion_png)}")
     if bad:
-        reasons = [f"{image} ({_reason(problems)})" for (image, _), problems in bad.items()]
+        reasons = [f"{image} ({short_reason(problems)})" for (image, _), problems in bad.items()]
         print(f"evaluated {report['num_images']} of {report['num_images'] + len(bad)} "
               f"images; skipped: {', '.join(reasons)}")  # fmt: skip
     return 1 if bad else 0
@@ -167,17 +167,6 @@ def _bad_pairs(args, num_classes):
     for problems in bad.values():
         _warn("skipped: " + "; ".join(problems))
     return bad
-
-
-def _reason(problems):
-    """A short reason from check-data's messages: ``truncated``, ``bad label``, ..."""
-    from pspnet_tf.image_files import REASONS
-
-    text = " ".join(problems)
-    for reason in REASONS:
-        if f"image ({reason})" in text:
-            return reason
-    return "file missing" if "file missing" in text else "bad label"
 
 
 def _warn(message):
@@ -258,12 +247,25 @@ def _export(args):
 
 
 def _train(args):
-    from pspnet_tf.training import DEFAULTS, train
+    from pspnet_tf.training import DEFAULTS, ConfigError, train
 
     # Only the flags given on the command line override the config file.
     overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
-    train(args.config, **overrides)
+    try:
+        train(args.config, **overrides)
+    except ConfigError as error:
+        raise UsageError(_train_flag_message(error, overrides, args.config)) from None
     return 0
+
+
+def _train_flag_message(error, overrides, config_file):
+    """A config error in the words of the command line: the flag, or the config file."""
+    message, key = str(error), error.key
+    if key in overrides and message.startswith(f"{key} "):
+        return f"--{key.replace('_', '-')}{message[len(key) :]}"
+    if config_file and key not in overrides and key != "config":
+        return f"{message} (in {config_file})"
+    return message
 
 
 def _convert(args):
@@ -460,6 +462,10 @@ def build_parser():
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--sync-batchnorm", action=argparse.BooleanOptionalAction)
     p.add_argument("--cache", action=argparse.BooleanOptionalAction)
+    p.add_argument(
+        "--bad-files", choices=["refuse", "skip"],
+        help="bad image/label pairs found before training: refuse the run (default) or skip them",
+    )  # fmt: skip
     p.add_argument("--seed", type=int)
     p.add_argument("--verbose", type=int, choices=[0, 1, 2])
     p.add_argument("--output", help="run folder: model.keras, checkpoints, logs, config")

@@ -28,7 +28,7 @@ from PIL import Image
 from pspnet_tf import augment
 from pspnet_tf.classes import IGNORE_LABEL
 from pspnet_tf.demo_data import DEMO_CLASSES, make_demo_dataset
-from pspnet_tf.image_files import UnreadableImage, read_rgb
+from pspnet_tf.image_files import REASONS, UnreadableImage, read_rgb
 from pspnet_tf.layouts import LAYOUTS, label_lut, list_pairs, raise_if_missing
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "LAYOUTS",
     "check_dataset",
     "find_bad_pairs",
+    "check_pairs",
     "label_lut",
     "list_pairs",
     "load_dataset",
@@ -238,6 +239,7 @@ def load_dataset(
     pad_value=augment.MEAN_PIXEL,
     drop_remainder=False,
     skip=(),
+    pairs=None,
 ) -> tf.data.Dataset:
     """A batched ``tf.data.Dataset`` of one split of a segmentation dataset.
 
@@ -276,6 +278,8 @@ def load_dataset(
         drop_remainder: bool, drop a last partial batch.
         skip: ``(image, label)`` path pairs to leave out, e.g. the keys of
             :func:`find_bad_pairs` (``pspnet-tf evaluate`` skips those).
+        pairs: list of ``(image_path, label_path)`` or None. Read these instead of the
+            split's list (e.g. the pairs :func:`check_pairs` found good).
 
     Returns:
         ``tf.data.Dataset`` of ``(images float32 (B, H, W, 3), labels int32 (B, H, W))``
@@ -286,7 +290,8 @@ def load_dataset(
         ValueError: bad arguments or split file lines.
     """
     _check_args(layout, num_classes, crop_size, batch_size, training)
-    pairs = list_pairs(root, layout, split, list_file=list_file)
+    if pairs is None:
+        pairs = list_pairs(root, layout, split, list_file=list_file)
     skip = {tuple(pair) for pair in skip}
     pairs = [pair for pair in pairs if tuple(pair) not in skip]
     if not pairs:
@@ -374,10 +379,7 @@ def find_bad_pairs(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     pairs = list_pairs(root, layout, split, list_file=list_file)
-    lut = label_lut(layout, label_map)
-    check = functools.partial(_check_pair, lut=lut, num_classes=int(num_classes))
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda pair: check(*pair), pairs))
+    results = check_pairs(pairs, layout, num_classes, label_map=label_map, workers=workers)
     return {tuple(pair): found for pair, found in zip(pairs, results, strict=True) if found}
 
 
@@ -407,3 +409,24 @@ def check_dataset(
     except (OSError, ValueError) as error:
         return [str(error)]
     return [problem for found in bad.values() for problem in found]
+
+
+def check_pairs(pairs, layout, num_classes, *, label_map=None, workers=None) -> list[list[str]]:
+    """The problems of each ``(image_path, label_path)`` pair, as :func:`check_dataset` finds.
+
+    Returns:
+        list (one entry per pair, in order) of lists of str, empty for a good pair.
+    """
+    lut = label_lut(layout, label_map)
+    check = functools.partial(_check_pair, lut=lut, num_classes=int(num_classes))
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda pair: check(*pair), pairs))
+
+
+def short_reason(problems):
+    """A short reason from :func:`check_pairs`' messages: ``truncated``, ``bad label``, ..."""
+    text = " ".join(problems)
+    for reason in REASONS:
+        if f"image ({reason})" in text:
+            return reason
+    return "file missing" if "file missing" in text else "bad label"

@@ -15,7 +15,9 @@ import re
 import shutil
 
 # ".{stem}.tmp{pid}{suffix}": the pid tells whether the writer is still alive.
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.[^.]*)?$")
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.weights\.h5|\.[^.]*)?$")
+# Suffixes kept whole: Keras' save_weights accepts only names ending in ".weights.h5".
+_COMPOUND_SUFFIXES = (".weights.h5",)
 
 
 @contextlib.contextmanager
@@ -35,7 +37,7 @@ def atomic_path(path):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    stem, suffix = os.path.splitext(os.path.basename(path))
+    stem, suffix = _split_suffix(os.path.basename(path))
     temporary = os.path.join(directory, f".{stem}.tmp{os.getpid()}{suffix}")
     try:
         yield temporary
@@ -44,6 +46,13 @@ def atomic_path(path):
         os.replace(temporary, path)
     finally:
         _remove(temporary)
+
+
+def _split_suffix(name):
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], suffix
+    return os.path.splitext(name)
 
 
 def write_text(path, text):

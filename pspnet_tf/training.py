@@ -4,10 +4,11 @@
   (:class:`pspnet_tf.optimizers.CoupledDecaySGD`), poly learning rate from 0.01
   (:class:`pspnet_tf.optimizers.PolyDecay`), the chosen loss on ``main`` and, with
   weight 0.4, on ``aux``, mIoU and pixel accuracy on ``main``.
-- :func:`train`: a resumable run from a config (:data:`DEFAULTS`; what
-  ``pspnet-tf train`` calls): data, model, distribution strategy, mixed
-  precision, callbacks (:mod:`pspnet_tf.callbacks`) and ``model.fit`` (or
-  :func:`pspnet_tf.distributed.fit_multi_worker` for several workers).
+- :func:`train`: a resumable run from a config (:data:`DEFAULTS`, checked by
+  :mod:`pspnet_tf.train_config`; what ``pspnet-tf train`` calls): data
+  (:mod:`pspnet_tf.train_data`), model, distribution strategy, mixed precision, run
+  folder (:mod:`pspnet_tf.run_folder`), callbacks (:mod:`pspnet_tf.callbacks`) and
+  ``model.fit`` (or :func:`pspnet_tf.distributed.fit_multi_worker` for several workers).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import json
 import os
 
 import keras
-import yaml
+import tensorflow as tf
 
-from pspnet_tf import autotune, distributed
+from pspnet_tf import autotune, distributed, run_folder, train_data
 from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
 from pspnet_tf.callbacks import make_callbacks
@@ -27,7 +28,17 @@ from pspnet_tf.files import atomic_path
 from pspnet_tf.model import build_pspnet
 from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
-from pspnet_tf.precision import dtype_policy, resolve_precision
+from pspnet_tf.precision import dtype_policy
+from pspnet_tf.train_config import (  # noqa: F401  (the config's API, also here)
+    DEFAULTS,
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    RULES,
+    ConfigError,
+    check_data_folder,
+    load_config,
+    resolve_config,
+)
 
 
 def compile_for_training(
@@ -111,9 +122,6 @@ def compile_for_training(
     return model
 
 
-OPTIMIZERS = ("sgd", "adamw")
-
-
 def _make_optimizer(name, schedule, momentum, weight_decay, head_lr_multiplier):
     if name == "sgd":
         multipliers = {p: float(head_lr_multiplier) for p in HEAD_PREFIXES}
@@ -127,66 +135,6 @@ def _make_optimizer(name, schedule, momentum, weight_decay, head_lr_multiplier):
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-# Every key of a training config, with its default. `pspnet-tf train --config FILE`
-# reads the same keys (YAML or JSON); see examples/configs/.
-DEFAULTS = {
-    # Data: a dataset folder read by pspnet_tf.data.load_dataset.
-    "data": None,  # dataset root
-    "layout": "voc",  # voc | cityscapes | ade20k | list
-    "num_classes": None,  # required
-    "class_names": None,  # stored in the model; default: the dataset's, if known
-    "train_split": "train",
-    "val_split": "val",  # null: no validation
-    "train_list": None,  # split/list file, absolute or relative to `data`
-    "val_list": None,
-    "cache": False,  # keep decoded images in memory
-    # Training augmentation (the paper: scale 0.5-2 and flip everywhere; rotation +-10 degrees
-    # and Gaussian blur for ADE20K and VOC, not Cityscapes).
-    "scale_range": [0.5, 2.0],
-    "max_rotation": 10.0,
-    "blur": True,
-    # Model (build_pspnet arguments).
-    "backbone": "resnet50",
-    "alpha": 1.0,
-    "output_stride": 8,
-    "aux_head": True,
-    "backbone_weights": None,  # "imagenet" (downloads) or a file; None: random init
-    "dropout": 0.1,
-    # BatchNorm moving-average momentum while training, Keras convention: 0.9 is PyTorch's
-    # default (momentum=0.1), which the authors' PyTorch code trains with. keras.applications
-    # use 0.99 (ResNet) and 0.999 (MobileNetV2, whose moving statistics then keep most of
-    # their initial values for a thousand steps: short runs validate far below what they
-    # learned). None keeps the model's.
-    "bn_momentum": 0.9,
-    # Length of the run. batch_size is the global batch (over all replicas).
-    "crop_size": 473,
-    "batch_size": 8,
-    "epochs": 50,
-    "steps_per_epoch": None,  # default: one pass over the training set
-    "validation_steps": None,  # default: the whole validation set
-    # Recipe (compile_for_training arguments).
-    "loss": "ce",
-    "class_weights": None,
-    "focal_gamma": 2.0,
-    "focal_alpha": 0.5,
-    "learning_rate": 0.01,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "power": 0.9,
-    "warmup_steps": 0,
-    "head_lr_multiplier": 1.0,
-    "aux_weight": 0.4,
-    "optimizer": "sgd",  # sgd (the paper's) | adamw
-    "freeze_backbone_epochs": 0,
-    # Machine.
-    "precision": "float32",  # float32 | bfloat16 | float16 | mixed (bf16 on CPU, fp16 on GPU)
-    "strategy": "auto",  # auto | none | mirrored | multi_worker
-    "sync_batchnorm": False,
-    "jit_compile": False,
-    "seed": 0,
-    "output": None,  # required: the run's folder
-    "verbose": "auto",
-}
 # The config keys passed to compile_for_training under their own names (listed, not read
 # off its signature: a renamed parameter then fails loudly instead of dropping the key).
 RECIPE_KEYS = (
@@ -204,64 +152,6 @@ RECIPE_KEYS = (
     "optimizer",
     "jit_compile",
 )
-# Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("verbose", "cache")
-
-
-def load_config(path):
-    """Reads a YAML or JSON training config file into a dict, checking its keys."""
-    with open(path) as file:
-        try:
-            config = yaml.safe_load(file) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML/JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: a training config must be a mapping of keys to values")
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
-    return config
-
-
-def resolve_config(config=None, **overrides):
-    """``DEFAULTS`` updated by ``config`` (dict or file path), then by ``overrides``.
-
-    Returns:
-        A complete config dict. Raises ``ValueError`` for unknown keys, missing
-        ``num_classes``/``output`` or an unknown ``precision``/``loss``.
-    """
-    if isinstance(config, (str, os.PathLike)):
-        config = load_config(config)
-    resolved = {**DEFAULTS, **(config or {}), **overrides}
-    unknown = sorted(set(resolved) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown training config keys {unknown}; known: {sorted(DEFAULTS)}")
-    for key in ("num_classes", "output"):
-        if resolved[key] is None:
-            raise ValueError(f"the training config needs {key!r}")
-    resolve_precision(resolved["precision"], allow_none=False)  # names the choices
-    losses_lib.make_loss(resolved["loss"])  # fails early, naming the choices
-    return resolved
-
-
-def _check_or_write_config(config, path, write):
-    """Refuses to resume a run whose saved config differs; else saves the config."""
-    if os.path.isfile(path):
-        with open(path) as file:
-            saved = yaml.safe_load(file) or {}
-        changed = sorted(
-            key
-            for key in set(saved) | set(config)
-            if key not in RESUMABLE_CHANGES and saved.get(key) != config.get(key)
-        )
-        if changed:
-            raise ValueError(
-                f"{path} holds a run with other settings ({', '.join(changed)}): "
-                "use another output folder, or delete this one to start again"
-            )
-    if write:
-        with atomic_path(path) as temporary, open(temporary, "w") as file:
-            yaml.safe_dump(config, file, sort_keys=False)
 
 
 def _class_names(config):
@@ -274,46 +164,6 @@ def _class_names(config):
             names = json.load(file).get("class_names")
     names, palette, known = resolve_classes(config["num_classes"], names, dataset=config["layout"])
     return (names, palette) if known else (None, None)
-
-
-def _datasets(config, train_dataset, val_dataset):
-    """The training and validation datasets and the steps per epoch."""
-    if train_dataset is None:
-        from pspnet_tf.data import load_dataset
-
-        if not config["data"]:
-            raise ValueError("the training config needs 'data' (or pass train_dataset=)")
-        common = dict(
-            root=config["data"],
-            layout=config["layout"],
-            num_classes=config["num_classes"],
-            crop_size=config["crop_size"],
-            batch_size=config["batch_size"],
-            aux_targets=config["aux_head"],
-            cache=config["cache"],
-        )
-        train_dataset = load_dataset(
-            split=config["train_split"],
-            training=True,
-            seed=config["seed"],
-            list_file=config["train_list"],
-            drop_remainder=True,  # equal batches: BatchNorm and replicas need them
-            scale_range=tuple(config["scale_range"]),
-            max_rotation=float(config["max_rotation"]),
-            blur=bool(config["blur"]),
-            **common,
-        )
-        if val_dataset is None and config["val_split"]:
-            val_dataset = load_dataset(
-                split=config["val_split"], list_file=config["val_list"], **common
-            )
-    steps = config["steps_per_epoch"] or int(train_dataset.cardinality())
-    if steps <= 0:
-        raise ValueError(
-            "cannot tell the number of training batches per epoch (empty or unknown-size "
-            "dataset): set steps_per_epoch"
-        )
-    return train_dataset, val_dataset, steps
 
 
 def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
@@ -335,18 +185,38 @@ def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
         val_dataset: ``tf.data.Dataset`` or None, the same structure.
         **overrides: config keys that take precedence over ``config``.
 
+    Before anything is built or written it checks every config value
+    (:mod:`pspnet_tf.train_config`) and reads every image/label pair
+    (:mod:`pspnet_tf.train_data`; ``bad_files`` says whether a bad one refuses the
+    run); a damaged run folder is repaired or refused as :mod:`pspnet_tf.run_folder`
+    says.
+
     Returns:
         ``(model, history)``: the trained training model (aux head included) and
         the ``keras.callbacks.History`` of the epochs run by this call.
+
+    Raises:
+        ConfigError: (a ``ValueError``) a bad config value or file, naming the key.
+        ValueError, OSError: bad data or run folder, naming the file (also for a data
+            error met while training).
     """
     config = resolve_config(config, **overrides)
+    output = os.path.abspath(config["output"])
+    scanned = None
+    if train_dataset is None:
+        check_data_folder(config)
+        # Settings first (cheap), then every file (seconds per thousand pairs): all before
+        # anything is built or written, so that a corrected command just runs.
+        run_folder.prepare(output, config, write=False, resumable_changes=RESUMABLE_CHANGES)
+        scanned = train_data.scan(config)
     # MultiWorkerMirroredStrategy must exist before TensorFlow does any other work.
     strategy = distributed.choose_strategy(config["strategy"])
     chief = distributed.is_chief(strategy)
-    output = os.path.abspath(config["output"])
-    _check_or_write_config(config, os.path.join(output, "config.yaml"), write=chief)
+    run_folder.prepare(output, config, write=chief, resumable_changes=RESUMABLE_CHANGES)
     keras.utils.set_random_seed(int(config["seed"]))
-    train_dataset, val_dataset, steps = _datasets(config, train_dataset, val_dataset)
+    train_dataset, val_dataset, steps = train_data.datasets(
+        config, scanned, train_dataset, val_dataset
+    )
     model = _build_and_compile(config, strategy, total_steps=config["epochs"] * steps)
     callbacks = make_callbacks(
         output,
@@ -354,13 +224,27 @@ def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
         epochs=config["epochs"],
         freeze_backbone_epochs=config["freeze_backbone_epochs"],
         validation=val_dataset is not None,
+        skipped_files=scanned.skipped if scanned else 0,
     )
-    history = _fit(model, strategy, train_dataset, val_dataset, steps, callbacks, config)
+    history = _fit_naming_bad_files(
+        model, strategy, (train_dataset, val_dataset, steps), callbacks, config, scanned
+    )
     if chief:
         serving = rebuild(inference_model(model), input_shape=(None, None, 3), aux_head=False)
         with atomic_path(os.path.join(output, "model.keras")) as temporary:
             serving.save(temporary)
     return model, history
+
+
+def _fit_naming_bad_files(model, strategy, data, callbacks, config, scanned):
+    """:func:`_fit`; a data error met while training becomes one line naming the file."""
+    try:
+        return _fit(model, strategy, *data, callbacks, config)
+    except tf.errors.InvalidArgumentError as error:
+        named = train_data.named_error(error, config, scanned)
+        if named is None:
+            raise
+        raise named from None
 
 
 def _fit(model, strategy, train_dataset, val_dataset, steps, callbacks, config):

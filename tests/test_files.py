@@ -65,3 +65,15 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert sorted(removed) == sorted([str(stale_file), str(stale_folder)])
     assert sorted(os.listdir(tmp_path)) == sorted([live.name] + [p.name for p in keep])
     assert remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_keras_weights_temporaries_keep_their_suffix_and_are_cleaned(tmp_path):
+    # Keras' save_weights refuses a name that does not end in ".weights.h5".
+    with atomic_path(tmp_path / "latest.weights.h5") as temporary:
+        assert temporary.endswith(".weights.h5") and ".tmp" in temporary
+        stale = tmp_path / os.path.basename(temporary).replace(str(os.getpid()), "999999999")
+        stale.write_text("half")
+        with open(temporary, "w") as f:
+            f.write("weights")
+    assert (tmp_path / "latest.weights.h5").read_text() == "weights"
+    assert remove_stale_temporaries(tmp_path) == [str(stale)]

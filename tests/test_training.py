@@ -146,16 +146,21 @@ def test_config_files_and_flags(tmp_path):
         resolve_config({"output": "out", "num_classes": 2, "loss": "hinge"})
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**DEFAULTS, "epochs": 5}))
+def test_resuming_with_other_settings_is_refused(tmp_path, demo_root):
+    saved = yaml.safe_dump({**DEFAULTS, "epochs": 5})
+    (tmp_path / "config.yaml").write_text(saved)
+    # A finished epoch: a folder with none binds to no settings (a corrected command runs).
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "latest.weights.h5").write_bytes(b"weights")
     result = subprocess.run(
         [sys.executable, "-m", "pspnet_tf", "train", "--num-classes", "2", "--epochs", "6",
-         "--crop-size", "32", "--output", str(tmp_path)],
+         "--crop-size", "32", "--data", demo_root, "--output", str(tmp_path)],
         env=ENV, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
     assert "holds a run with other settings" in result.stderr
     assert "epochs" in result.stderr and "num_classes" in result.stderr
+    assert (tmp_path / "config.yaml").read_text() == saved
 
 
 @pytest.mark.parametrize("name", ["voc2012", "cityscapes", "ade20k", "demo"])
