@@ -144,6 +144,12 @@ def _predict(tmp, model, *extra, inputs=None):
     return ["predict", "--model", model, "--input", *inputs, "--output", str(tmp / "out"), *extra]
 
 
+def _tflite_export(tmp, *extra):
+    model = str(tmp / "unread.keras")  # never read: the flag is refused first
+    return ["export", "--model", model, "--format", "tflite", *extra,
+            "--output", str(tmp / "out/m.tflite")]  # fmt: skip
+
+
 def _written(tmp, stem):
     return [
         (tmp / "out" / "labels" / f"{stem}.png").is_file(),
@@ -318,30 +324,12 @@ CASES = {
         ("pspnet-tf predict: error: --alpha must be in [0, 1], got 2.0",),
     ),
     "export tflite without --input-size": Case(
-        lambda tmp, model, rng: [
-            "export",
-            "--model",
-            str(tmp / "unread.keras"),
-            "--format",
-            "tflite",
-            "--output",
-            str(tmp / "out/m.tflite"),
-        ],
+        lambda tmp, model, rng: _tflite_export(tmp),
         2,
         ("pspnet-tf export: error: --format tflite needs --input-size H [W]",),
     ),
     "export --input-size 0": Case(
-        lambda tmp, model, rng: [
-            "export",
-            "--model",
-            str(tmp / "unread.keras"),
-            "--format",
-            "tflite",
-            "--input-size",
-            "0",
-            "--output",
-            str(tmp / "out/m.tflite"),
-        ],
+        lambda tmp, model, rng: _tflite_export(tmp, "--input-size", "0"),
         2,
         ("pspnet-tf export: error: --input-size must be positive, got 0",),
     ),
