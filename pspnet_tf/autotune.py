@@ -11,8 +11,9 @@ mode or XLA's autotuning do:
 2. **Trial** (once per machine, layer shape and TF version; cached in
    ``~/.cache/pspnet_tf/kernels.json``): the kernel and the layer's own call are timed
    alternately on a copy of the layer at the shape it runs at; the kernel is kept where
-   it is faster. An inference copy is also timed whole against the model's own graph,
-   and the faster of the two runs.
+   it is faster. An inference copy is also timed whole against the model's own graph
+   and against itself with its weights frozen into constants
+   (:class:`pspnet_tf.inference_copy.FrozenGraph`), and the fastest of the three runs.
 
 :func:`for_training` installs training kernels on a model in place (what
 :func:`pspnet_tf.training.compile_for_training` calls); :func:`for_inference` returns
@@ -22,12 +23,12 @@ the copy prediction and evaluation run (BatchNorm folded where that wins, see
 The choice: the ``kernels`` argument, else the ``PSPNET_TF_KERNELS`` variable:
 
 - ``"auto"`` (default): probe and trial, as above.
-- ``"probe"``: every kernel that runs here, no timing.
+- ``"probe"``: every kernel that runs here, no timing (weights not frozen).
 - ``"off"``: none; the model's own graph (Keras' layers, BatchNorm not folded).
 - ``"NAME=on,NAME=off,..."``: force kernels on (still only where they run) or off; the
   others as ``"auto"``. Names: :data:`CHOICE_NAMES`.
 
-``PSPNET_TF_CACHE_DIR`` moves the trial cache.
+``PSPNET_TF_CACHE_DIR`` moves the trial cache (:mod:`pspnet_tf.trial_cache`).
 """
 
 from __future__ import annotations
@@ -47,20 +48,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pspnet_tf import machine
-from pspnet_tf.files import write_text
-from pspnet_tf.inference_copy import inference_copy
-from pspnet_tf.kernels import KERNEL_NAMES, KERNELS, install, installed, uninstall
+from pspnet_tf.inference_copy import FrozenGraph, inference_copy
+from pspnet_tf.kernels import KERNEL_NAMES, KERNELS, install, uninstall
 from pspnet_tf.precision import resolve_precision
+from pspnet_tf.trial_cache import load, store
 
 log = logging.getLogger("pspnet_tf")
 
 KERNELS_VARIABLE = "PSPNET_TF_KERNELS"
-CACHE_VARIABLE = "PSPNET_TF_CACHE_DIR"
 MODES = ("auto", "probe", "off")
-# Folding BatchNorm into the convs is decided with the kernels (by the whole-graph trial).
-CHOICE_NAMES = ("fold_batch_norm", *KERNEL_NAMES)
+# Folding BatchNorm into the convs and freezing the weights into constants are decided
+# with the kernels (by the whole-graph trial).
+CHOICE_NAMES = ("fold_batch_norm", "frozen_weights", *KERNEL_NAMES)
 TRIAL_RUNS = 3  # timed calls of each side after one warm-up, alternating
+# The whole graph gets more: on a 2-core VM one ResNet-50 pass varies by up to 25% from
+# call to call, and three runs picked the slower graph there.
+GRAPH_TRIAL_RUNS = 5
 # A kernel must beat the layer's own call by 3%: closer results are within the noise of
 # three runs on a busy 2-core machine, and the standard call is the safer default there.
 _MARGIN = 0.97
@@ -198,63 +201,6 @@ def _kernel(name):
 # ---------------------------------------------------------------- trials and their cache
 
 
-def cache_path():
-    """The trial cache file (``PSPNET_TF_CACHE_DIR``, else ``$XDG_CACHE_HOME/pspnet_tf``)."""
-    folder = os.environ.get(CACHE_VARIABLE)
-    if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(base, "pspnet_tf")
-    return os.path.join(folder, "kernels.json")
-
-
-@functools.lru_cache(maxsize=1)
-def machine_key():
-    """What the trials' timings depend on: CPU, ISA, oneDNN, devices, threads, versions."""
-    gpus = [
-        tf.config.experimental.get_device_details(d).get("device_name", d.name)
-        for d in tf.config.list_physical_devices("GPU")
-    ]
-    threads = os.environ.get("TF_NUM_INTRAOP_THREADS") or (
-        tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
-    )
-    isa_limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "")  # emulating another CPU class
-    return (
-        f"{machine.cpu_model()} [{' '.join(machine.isa_features())}] "
-        f"onednn={'on' if machine.onednn_enabled() else 'off'}{isa_limit} gpus={gpus} "
-        f"threads={threads} "
-        f"tf={tf.__version__} keras={keras.__version__}"
-    )
-
-
-_memory = {}  # cache path -> {machine key: {trial key: record}}
-
-
-def _load_cache(path):
-    if path not in _memory:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as error:
-            log.warning("kernel trial cache %s is unreadable (%s): starting a new one", path, error)
-            data = {}
-        _memory[path] = data
-    return _memory[path].setdefault(machine_key(), {})
-
-
-def _store(key, record):
-    path = cache_path()
-    _load_cache(path)[key] = record
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text(path, json.dumps(_memory[path], indent=1, sort_keys=True))
-    except OSError as error:
-        log.warning("cannot write the kernel trial cache %s (%s): kept in memory", path, error)
-
-
 def _timed(fn):
     start = time.perf_counter()
     fn()
@@ -263,13 +209,19 @@ def _timed(fn):
 
 def time_pair(first, second, runs=TRIAL_RUNS):
     """Median seconds of ``first()`` and ``second()``, alternating after one warm-up each."""
+    return time_alternating([first, second], runs)[0]
+
+
+def time_alternating(steps, runs):
+    """Median seconds of each of ``steps``, called in turn ``runs`` times after one warm-up
+    each, and what each warm-up call returned."""
     with _quiet_tracing():
-        first(), second()
-        times = [[], []]
+        results = [step() for step in steps]
+        times = [[] for _ in steps]
         for _ in range(runs):
-            times[0].append(_timed(first))
-            times[1].append(_timed(second))
-    return statistics.median(times[0]), statistics.median(times[1])
+            for step, record in zip(steps, times, strict=True):
+                record.append(_timed(step))
+    return [statistics.median(t) for t in times], results
 
 
 @contextlib.contextmanager
@@ -286,12 +238,12 @@ def _quiet_tracing():
 
 def _cached_trial(key, measure):
     """The cached record for ``key``, else ``measure()`` -> (kernel s, own s), stored."""
-    record = _load_cache(cache_path()).get(key)
+    record = load().get(key)
     if record is None:
         kernel_s, own_s = measure()
         record = {"kernel_ms": kernel_s * 1e3, "own_ms": own_s * 1e3}
         record["keep"] = kernel_s < _MARGIN * own_s
-        _store(key, record)
+        store(key, record)
     return record
 
 
@@ -452,8 +404,10 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
 
     BatchNorm is folded into the convs (:func:`pspnet_tf.inference_copy.fold_batch_norm`)
     and the inference kernels that run here and win are installed; with ``"auto"``, the
-    result is timed whole against the model's own graph at ``precision``, and the faster
-    one is returned. Logits equal the model's own to float32 rounding.
+    result is timed whole, as it is and with its weights frozen into constants
+    (:class:`pspnet_tf.inference_copy.FrozenGraph`), against the model's own graph at
+    ``precision``, and the fastest is returned (``frozen_weights=on`` freezes without a
+    trial). Logits equal the model's own to float32 rounding.
 
     Args:
         model: a Keras model; functional and Sequential models get a copy, others come
@@ -464,7 +418,9 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
             shape (batch 1, 512 x 512 for any-size models).
 
     Returns:
-        ``(model to call, Report)``.
+        ``(model to call, Report)``. Call it as ``fn(images, training=False)``; it is a
+        Keras model, or a :class:`~pspnet_tf.inference_copy.FrozenGraph` (no layers;
+        any batch, the spatial sizes of ``model``'s input).
 
     Raises:
         ValueError: an unknown ``precision`` or ``kernels``, or a reduced precision for
@@ -489,29 +445,69 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
     shape = _sample_shape(model, sample_shape)
     report = _choose(fast, "inference", choice, shape)
     report.entries["fold_batch_norm"] = (int(fold), 0, "")
-    timed_whole = choice.mode == "auto" and not choice.forced
-    if timed_whole and (fold or any(installed(la) for la in _all_layers(fast))):
-        record = _graph_trial(model, own, fast, shape, resolved)
-        report.entries["whole graph"] = (
-            int(record["keep"]),
-            0,
-            f"{record['own_ms']:.0f} ms own graph, {record['kernel_ms']:.0f} ms with the kernels",
-        )
+    chosen = fast
+    if choice.forced_value("frozen_weights"):
+        chosen, why = _frozen(fast)
+        report.entries["frozen_weights"] = (int(chosen is not fast), 0, why or "forced on")
+    elif choice.mode == "auto" and not choice.forced:
+        # The copy is timed frozen: freezing was never slower where measured (equal with
+        # TF's own CPU kernels, 5-20% faster with oneDNN), and timing it both ways too
+        # would add a minute to a ResNet's first prediction on a slow CPU.
+        frozen, why = _frozen(fast)
+        candidates = {"own graph": own, "with the kernels": frozen}
+        record = _graph_trial(model, candidates, shape, resolved)
+        chosen = candidates[record["choice"]]
+        if frozen is not fast:
+            why = record["why"] or ("" if chosen is frozen else "slower than the own graph")
+        report.entries["frozen_weights"] = (int(chosen is frozen and frozen is not fast), 0, why)
+        times = ", ".join(f"{ms:.0f} ms {name}" for name, ms in record["ms"].items())
+        report.entries["whole graph"] = (int(chosen is not own), 0, times)
     log.info(report.summary())
-    return (
-        (fast, report) if "whole graph" not in report.entries or record["keep"] else (own, report)
-    )
+    return chosen, report
 
 
-def _graph_trial(model, own, fast, shape, precision):
-    """Times the fast copy against the model's own graph (forward pass at ``shape``)."""
+def _frozen(model):
+    """``(FrozenGraph of model, "")``, or ``(model, why not)`` where freezing fails here."""
+    try:
+        return FrozenGraph(model), ""
+    except Exception as error:  # a graph TF cannot freeze (e.g. resource ops it lacks)
+        return model, f"does not run here: {_reason(error)}"
+
+
+def _graph_trial(model, candidates, shape, precision):
+    """Times ``candidates`` (``{name: callable}``, the model's own graph first) whole.
+
+    A candidate replaces the best before it only where it is 3% faster and gives the own
+    graph's logits (1e-4 relative; 2e-2 for reduced precisions). Returns
+    ``{"choice": name, "ms": {name: ms}, "why": str}``, cached.
+    """
     architecture = json.dumps(model.get_config(), sort_keys=True, default=str)
     digest = hashlib.sha256(architecture.encode()).hexdigest()[:16]
-    key = json.dumps(["whole graph", digest, list(shape), precision])
+    names = [f"{name} ({type(fn).__name__})" for name, fn in candidates.items()]
+    key = json.dumps(["whole graph", digest, list(shape), precision, names])
+    record = load().get(key)
+    if record is not None:
+        return record
+    x = tf.random.stateless_uniform(shape, seed=[5, 6], maxval=255.0)
+    steps = [tf.function(lambda m=m: m(x, training=False)) for m in candidates.values()]
+    seconds, outputs = time_alternating(
+        [lambda s=s: tf.nest.map_structure(np.asarray, s()) for s in steps], GRAPH_TRIAL_RUNS
+    )
+    record = {"ms": {name: t * 1e3 for name, t in zip(candidates, seconds, strict=True)}, "why": ""}
+    tolerance = 2e-2 if precision not in (None, "float32") else 1e-4
+    best = "own graph"
+    for (name, took), output in zip(record["ms"].items(), outputs, strict=True):
+        error = _relative_error(output, outputs[0])
+        if error > tolerance:
+            record["why"] = f"{name}: logits differ by {error:.1e} (relative)"
+        elif took < _MARGIN * record["ms"][best]:
+            best = name
+    record["choice"] = best
+    store(key, record)
+    return record
 
-    def measure():
-        x = tf.random.stateless_uniform(shape, seed=[5, 6], maxval=255.0)
-        steps = [tf.function(lambda m=m: _total([m(x, training=False)])) for m in (fast, own)]
-        return time_pair(*(lambda s=s: s().numpy() for s in steps))
 
-    return _cached_trial(key, measure)
+def _relative_error(outputs, reference):
+    """The largest difference between two (nested) outputs, relative to the reference."""
+    pairs = zip(tf.nest.flatten(outputs), tf.nest.flatten(reference), strict=True)
+    return max(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12) for a, b in pairs)

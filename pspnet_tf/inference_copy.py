@@ -10,6 +10,10 @@
   (CPUs) or float16 (GPUs) with float32 weights, input normalisation and logits: about
   twice as fast on CPUs with bf16 instructions, labels nearly always the same (see the
   README).
+- :class:`FrozenGraph`: a model's forward pass as one graph whose weights are constants.
+  TensorFlow can then prepare each weight once (oneDNN, for example, keeps a conv's
+  reordered kernel between calls only when the kernel is a constant) and fold what follows
+  from the weights alone. It holds no layers and cannot be saved or trained: it only runs.
 
 Where faster kernels are then installed on such a copy (by probe and timed trial) is
 :mod:`pspnet_tf.autotune`'s job.
@@ -21,6 +25,8 @@ import collections
 
 import keras
 import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from pspnet_tf.precision import keras_policy, resolve_precision
 
@@ -163,3 +169,39 @@ def inference_copy(model, fold=True, precision=None):
         elif layer.name not in folded:
             layer.set_weights(original.get_weights())
     return new
+
+
+class FrozenGraph:
+    """``model``'s inference pass with its weights as constants of one TensorFlow graph.
+
+    Calling it as ``frozen(images, training=False)`` gives what
+    ``model(images, training=False)`` gives (the same structure; values to float32
+    rounding). The weights are copied when it is made: later changes to ``model``'s
+    weights do not reach it.
+
+    Args:
+        model: a Keras model (any model ``tf.function`` can trace).
+        input_shape: the input shape it accepts, None for any size of that axis; defaults
+            to the model's input shape (any batch).
+    """
+
+    def __init__(self, model, input_shape=None):
+        shape = tuple(input_shape or (None, *model.inputs[0].shape[1:]))
+        spec = tf.TensorSpec(shape, model.inputs[0].dtype)
+        traced = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+        self._function = convert_variables_to_constants_v2(traced)
+        self._structure = traced.structured_outputs
+        self.name = model.name
+        self.input_shape = shape
+
+    def __call__(self, inputs, training=False):
+        if training:
+            raise ValueError(f"FrozenGraph of {self.name!r} runs inference only (training=True)")
+        inputs = tf.convert_to_tensor(inputs, self._function.inputs[0].dtype)
+        if not inputs.shape.is_compatible_with(self.input_shape):
+            raise ValueError(
+                f"FrozenGraph of {self.name!r} takes inputs of shape {self.input_shape}, "
+                f"got {tuple(inputs.shape)}"
+            )
+        outputs = self._function(inputs)
+        return tf.nest.pack_sequence_as(self._structure, tf.nest.flatten(outputs))

@@ -15,9 +15,18 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_batch_norm, randomize_weights
+from conftest import BIAS, KERNEL, randomize_batch_norm, randomize_weights
 
-from pspnet_tf import autotune, build_pspnet, inference_model, kernels, machine, rebuild
+from pspnet_tf import (
+    autotune,
+    build_pspnet,
+    inference_model,
+    kernels,
+    machine,
+    rebuild,
+    trial_cache,
+)
+from pspnet_tf.inference_copy import FrozenGraph
 from pspnet_tf.training import compile_for_training
 
 SIZE, CLASSES = 64, 4
@@ -89,7 +98,7 @@ def test_probe_rejects_a_kernel_that_raises_or_differs(monkeypatch):
 
 def test_trial_results_are_cached_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("PSPNET_TF_CACHE_DIR", str(tmp_path))
-    autotune._memory.clear()
+    trial_cache.memory.clear()
     timings = []
 
     def fake_time_pair(first, second, runs=3):
@@ -107,21 +116,21 @@ def test_trial_results_are_cached_per_machine(tmp_path, monkeypatch):
         assert report.entries["native_dilated_conv"][:2] == (len(dilated), len(dilated))
     with open(tmp_path / "kernels.json") as f:
         stored = json.load(f)
-    assert list(stored) == [autotune.machine_key()]
-    assert all(record["keep"] for record in stored[autotune.machine_key()].values())
+    assert list(stored) == [trial_cache.machine_key()]
+    assert all(record["keep"] for record in stored[trial_cache.machine_key()].values())
     # A second model of the same shapes (and a new process, reading the file) trials nothing.
-    autotune._memory.clear()
+    trial_cache.memory.clear()
     autotune.for_training(_model("resnet50"), kernels="auto")
     assert len(timings) == expected_trials
     # An unreadable cache is reported and replaced, not a crash.
     (tmp_path / "kernels.json").write_text("{not json")
-    autotune._memory.clear()
+    trial_cache.memory.clear()
     autotune.for_training(_model("resnet50"), kernels="auto")
     assert len(timings) == 2 * expected_trials
     with open(tmp_path / "kernels.json") as f:
-        assert autotune.machine_key() in json.load(f)
+        assert trial_cache.machine_key() in json.load(f)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    autotune._memory.clear()
+    trial_cache.memory.clear()
 
 
 def _train_step(model, kernels_choice):
@@ -179,14 +188,56 @@ def test_inference_copy_with_kernels_gives_the_model_logits(backbone, rng):
     randomize_weights(model, seed=2)
     images = rng.uniform(0, 255, (1, 48, 56, 3)).astype("float32")
     reference = model(images, training=False).numpy()
-    for choice in ("probe", "auto"):
+    for choice in ("probe", "frozen_weights=on", "auto"):
         fast, report = autotune.for_inference(model, kernels=choice, sample_shape=images.shape)
         assert fast is not model or choice == "auto"  # auto may keep the model's own graph
+        assert isinstance(fast, FrozenGraph) == (choice != "probe" and fast is not model)
         assert _relative_error(fast(images, training=False).numpy(), reference) < 1e-4
+        other = rng.uniform(0, 255, (2, 40, 64, 3)).astype("float32")  # any size still runs
+        expected = model(other, training=False).numpy()
+        assert _relative_error(fast(other, training=False).numpy(), expected) < 1e-4
     assert report.entries["fold_batch_norm"][0] == 1
     assert "whole graph" in report.entries  # auto timed the copy against the model's graph
+    assert "frozen_weights" in report.entries
     off, report = autotune.for_inference(model, kernels="off")
     assert off is model and not report.entries
+
+
+def test_whole_graph_trial_keeps_a_faster_graph_only_with_the_same_logits(
+    tmp_path, monkeypatch, pixelwise_model
+):
+    monkeypatch.setenv("PSPNET_TF_CACHE_DIR", str(tmp_path))
+    trial_cache.memory.clear()
+    timings = []
+
+    def fake_time_alternating(steps, runs):  # the candidates' seconds, as set below
+        timings.append(runs)
+        return list(seconds), [step() for step in steps]
+
+    monkeypatch.setattr(autotune, "time_alternating", fake_time_alternating)
+    own = pixelwise_model(KERNEL, BIAS)
+    same, wrong = FrozenGraph(own), FrozenGraph(pixelwise_model(KERNEL, BIAS + 0.5))
+    cases = [  # candidate, its seconds against the own graph's 1.0, what the trial keeps
+        (same, 0.5, "with the kernels"),
+        (same, 0.98, "own graph"),  # within the 3% margin
+        (wrong, 0.5, "own graph"),  # faster, but other logits
+    ]
+    for size, (candidate, faster, expected) in enumerate(cases, start=8):
+        seconds = (1.0, faster)
+        candidates = {"own graph": own, "with the kernels": candidate}
+        record = autotune._graph_trial(own, candidates, (1, size, size, 3), None)
+        assert record["choice"] == expected
+        assert record["ms"] == {"own graph": 1000.0, "with the kernels": faster * 1000}
+        assert ("differ" in record["why"]) == (candidate is wrong)
+    assert timings == [autotune.GRAPH_TRIAL_RUNS] * 3
+    # Cached per machine and shape: the same trial again times nothing, in a new process too.
+    trial_cache.memory.clear()
+    seconds = (1.0, 2.0)
+    again = autotune._graph_trial(
+        own, {"own graph": own, "with the kernels": same}, (1, 8, 8, 3), None
+    )
+    assert again["choice"] == "with the kernels" and len(timings) == 3
+    trial_cache.memory.clear()
 
 
 def test_every_probe_failing_leaves_training_and_inference_as_the_portable_graph(monkeypatch, rng):

@@ -3,11 +3,17 @@
 import keras
 import numpy as np
 import pytest
-from conftest import randomize_batch_norm, randomize_weights
+import tensorflow as tf
+from conftest import BIAS, KERNEL, MEAN, STD, randomize_batch_norm, randomize_weights
 
 from pspnet_tf import build_pspnet, rebuild
 from pspnet_tf.inference import as_predictor
-from pspnet_tf.inference_copy import FoldedBatchNorm, fold_batch_norm, inference_copy
+from pspnet_tf.inference_copy import (
+    FoldedBatchNorm,
+    FrozenGraph,
+    fold_batch_norm,
+    inference_copy,
+)
 from pspnet_tf.precision import dtype_policy
 from pspnet_tf.predict import predict_image
 
@@ -116,3 +122,39 @@ def test_predictor_precision(small_model, rng):
     labels = predict_image(small_model, image, precision="bfloat16")
     np.testing.assert_array_equal(labels, predictor(image[None].astype("float32"))[0].argmax(-1))
     assert np.mean(labels == reference[0].argmax(-1)) > 0.9
+
+
+def test_frozen_graph_computes_the_numpy_logits_of_the_weights_it_was_made_with(
+    pixelwise_model, rng
+):
+    model = pixelwise_model(KERNEL, BIAS)
+    frozen = FrozenGraph(model)
+    assert frozen.input_shape == (None, None, None, 3)
+    for shape in ((1, 5, 7, 3), (3, 9, 4, 3)):  # any batch and size
+        images = rng.uniform(0, 255, shape).astype("float32")
+        expected = ((images - MEAN) / STD) @ KERNEL + BIAS
+        logits = frozen(images, training=False)
+        assert isinstance(logits, tf.Tensor)
+        np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # The weights are constants of its graph: changing the model's does not reach it.
+    zeros = [np.zeros((1, 1, *KERNEL.shape), "float32"), np.zeros(len(BIAS), "float32")]
+    model.get_layer("classifier").set_weights(zeros)
+    np.testing.assert_allclose(frozen(images).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert not model(images).numpy().any()
+    with pytest.raises(ValueError, match="inference only"):
+        frozen(images, training=True)
+
+
+def test_frozen_graph_keeps_a_pspnets_outputs_and_their_structure(rng):
+    model = build_pspnet(5, "mobilenetv2", (48, 48, 3), alpha=0.35, aux_head=True)
+    randomize_batch_norm(model, seed=5)
+    frozen = FrozenGraph(model)
+    assert frozen.input_shape == (None, 48, 48, 3)
+    images = rng.uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    reference = model(images, training=False)
+    outputs = frozen(images)
+    assert sorted(outputs) == sorted(reference) == ["aux", "main"]
+    for name, value in reference.items():
+        assert _relative_error(outputs[name].numpy(), value.numpy()) < 1e-4, name
+    with pytest.raises(ValueError, match="takes inputs of shape"):  # the size it was made for
+        frozen(rng.uniform(0, 255, (1, 40, 48, 3)).astype("float32"))
