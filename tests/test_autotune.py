@@ -230,13 +230,20 @@ def test_whole_graph_trial_keeps_a_faster_graph_only_with_the_same_logits(
         assert record["ms"] == {"own graph": 1000.0, "with the kernels": faster * 1000}
         assert ("differ" in record["why"]) == (candidate is wrong)
     assert timings == [autotune.GRAPH_TRIAL_RUNS] * 3
+    # A frozen graph is checked against the copy it was made from (a bf16 folded copy rounds
+    # differently from the own graph), where that source is given.
+    seconds = (1.0, 0.5)
+    source = {"with the kernels": pixelwise_model(KERNEL, BIAS + 0.5)}
+    candidates = {"own graph": own, "with the kernels": wrong}
+    record = autotune._graph_trial(own, candidates, (1, 12, 12, 3), None, source)
+    assert record["choice"] == "with the kernels" and not record["why"]
     # Cached per machine and shape: the same trial again times nothing, in a new process too.
     trial_cache.memory.clear()
     seconds = (1.0, 2.0)
     again = autotune._graph_trial(
         own, {"own graph": own, "with the kernels": same}, (1, 8, 8, 3), None
     )
-    assert again["choice"] == "with the kernels" and len(timings) == 3
+    assert again["choice"] == "with the kernels" and len(timings) == 4
     trial_cache.memory.clear()
 
 
