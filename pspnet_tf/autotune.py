@@ -11,9 +11,9 @@ mode or XLA's autotuning do:
 2. **Trial** (once per machine, layer shape and TF version; cached in
    ``~/.cache/pspnet_tf/kernels.json``): the kernel and the layer's own call are timed
    alternately on a copy of the layer at the shape it runs at; the kernel is kept where
-   it is faster. An inference copy is also timed whole against the model's own graph
-   and against itself with its weights frozen into constants
-   (:class:`pspnet_tf.inference_copy.FrozenGraph`), and the fastest of the three runs.
+   it is faster. An inference copy, its weights frozen into constants
+   (:class:`pspnet_tf.inference_copy.FrozenGraph`), is also timed whole against the
+   model's own graph, and the faster of the two runs.
 
 :func:`for_training` installs training kernels on a model in place (what
 :func:`pspnet_tf.training.compile_for_training` calls); :func:`for_inference` returns
@@ -159,7 +159,7 @@ def probe(name, training, dtype="float32"):
         ``(ok, reason)``: bool, and a short reason where it is False.
     """
     kernel = _kernel(name)
-    tolerance = 1e-4 if dtype in ("float32", "float64") else 2e-2
+    tolerance = _tolerance(dtype not in ("float32", "float64"))
     try:
         layer, shape, kwargs = _probe_case(name, dtype)
         fast, own = _twins(layer, kernel, shape)
@@ -177,6 +177,12 @@ def probe(name, training, dtype="float32"):
     except Exception as error:  # noqa: BLE001  (any failure means: not on this device)
         return False, _reason(error)
     return True, ""
+
+
+def _tolerance(reduced):
+    """The relative difference a kernel or graph may make: 1e-4 on float32 results, 2e-2
+    where bfloat16 or float16 computes them (``reduced``)."""
+    return 2e-2 if reduced else 1e-4
 
 
 def _reason(error):
@@ -404,10 +410,10 @@ def for_inference(model, precision=None, kernels=None, sample_shape=None):
 
     BatchNorm is folded into the convs (:func:`pspnet_tf.inference_copy.fold_batch_norm`)
     and the inference kernels that run here and win are installed; with ``"auto"``, the
-    result is timed whole, as it is and with its weights frozen into constants
-    (:class:`pspnet_tf.inference_copy.FrozenGraph`), against the model's own graph at
-    ``precision``, and the fastest is returned (``frozen_weights=on`` freezes without a
-    trial). Logits equal the model's own to float32 rounding.
+    result, its weights frozen into constants
+    (:class:`pspnet_tf.inference_copy.FrozenGraph`), is timed whole against the model's
+    own graph at ``precision``, and the faster is returned (``frozen_weights=on`` freezes
+    without a trial). Logits equal the model's own to float32 rounding.
 
     Args:
         model: a Keras model; functional and Sequential models get a copy, others come
@@ -498,7 +504,7 @@ def _graph_trial(model, candidates, shape, precision, sources=None):
     record = {"ms": {name: t * 1e3 for name, t in zip(candidates, seconds, strict=True)}, "why": ""}
     policies = _policies(list(_all_layers(model)))
     reduced = precision not in (None, "float32") or policies != ["float32"]
-    tolerance = 2e-2 if reduced else 1e-4
+    tolerance = _tolerance(reduced)
     best = "own graph"
     for (name, took), output in zip(record["ms"].items(), outputs, strict=True):
         source = (sources or {}).get(name)
