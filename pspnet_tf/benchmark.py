@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from pspnet_tf.files import write_json
+from pspnet_tf.files import JSON_OBJECT, write_json
 
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
 # (kind, batch, size): 473 batch-1 inference; training steps at 320 x 4 and 473 x 2.
@@ -242,7 +242,8 @@ def run(args):
                 print(format_table(rows[-1:], peaks).splitlines()[-2], flush=True)
     print(format_table(rows, peaks))
     if args.json:
-        write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
+        result = {"threads": args.threads, "peaks": peaks, "rows": rows}
+        write_json(args.json, result, kind=JSON_OBJECT)
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from pspnet_tf.files import write_json
+from pspnet_tf.files import check_output, folder_kind, write_json
 
 # The demo's settings: dataset, model and training recipe (printed in the summary). Trained
 # from scratch (nothing to download), so AdamW with the poly schedule, not the paper's SGD for
@@ -60,6 +60,11 @@ SETTINGS = {
         "sliding_crop": 224,
     },
 }  # fmt: skip
+# The demo writes into an empty folder or one of its earlier runs, never among other files.
+DEMO_FOLDER = folder_kind(
+    "a demo folder (it has none of summary.json, data/demo.json, run/config.yaml)",
+    "summary.json", "data/demo.json", "run/config.yaml",
+)  # fmt: skip
 OVERLAY_IMAGES = 4
 OTHER_SIZE = (272, 400)  # the SavedModel check uses an image of neither the training size
 
@@ -88,6 +93,7 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     start = time.perf_counter()
     settings = SETTINGS["quick" if quick else "default"]
     output = os.path.abspath(output)
+    check_output(output, DEMO_FOLDER)
     paths = _paths(output)
     _say(f"[1/7] demo dataset -> {paths['data']}")
     demo_data.make_demo_dataset(paths["data"], **settings["dataset"])

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from pspnet_tf.classes import IGNORE_LABEL, default_palette
-from pspnet_tf.files import atomic_path, write_json
+from pspnet_tf.files import atomic_path, folder_kind, write_json
 
 DEMO_CLASSES = ("background", "disc", "square", "triangle", "ring", "cross")
 DEFAULT_DIFFICULTY = 0.5
@@ -39,6 +39,10 @@ GENERATOR_VERSION = 2
 SPLIT_CODES = {"train": 0, "val": 1}
 SHAPE_SIZES = ("large", "small")
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel vertex positions give smooth outlines
+
+
+# Only an empty folder or an earlier demo dataset (recognised by demo.json) is replaced.
+DEMO_DATASET = folder_kind("a demo dataset (it has no demo.json)", "demo.json")
 
 
 def _texture(rng, yy, xx, contrast):
@@ -309,9 +313,7 @@ def make_demo_dataset(
         with open(info_path) as file:
             if json.load(file) == info:
                 return root
-    elif os.path.isdir(root) and os.listdir(root):
-        raise FileExistsError(f"{root}: exists and is not a demo dataset; choose another folder")
-    with atomic_path(root) as staging:
+    with atomic_path(root, DEMO_DATASET) as staging:
         counts = {"train": int(num_train), "val": int(num_val)}
         scene = {"difficulty": float(difficulty), "shapes": shapes}
         _generate(staging, counts, (height, width), int(seed), scene, workers)

@@ -9,6 +9,7 @@ and :func:`plot_confusion_matrix` draws its confusion matrix as a PNG.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf import classes
-from pspnet_tf.files import atomic_path, write_json
+from pspnet_tf.files import PNG, OutputKind, atomic_path, write_json
 from pspnet_tf.inference import MODES, SCALES, as_predictor, predict_scores, resize
 from pspnet_tf.metrics import confusion_matrix, scores_from_confusion
 
@@ -159,8 +160,25 @@ def _percent(value):
     return "-" if value is None or not np.isfinite(value) else f"{100 * value:.2f}"
 
 
+def _is_json_report(path):
+    try:
+        with open(path) as file:
+            report = json.load(file)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(report, dict) and "miou" in report
+
+
+# An existing JSON file is replaced only if it is a report (it has "miou").
+JSON_REPORT = OutputKind("an evaluation report (JSON with 'miou')", _is_json_report)
+
+
 def write_json_report(report, path):
-    """Writes an :func:`evaluate` report as JSON (NaN becomes null), atomically."""
+    """Writes an :func:`evaluate` report as JSON (NaN becomes null), atomically.
+
+    An existing ``path`` is replaced only if it is a previous report; anything else
+    raises :class:`pspnet_tf.files.OutputExistsError`.
+    """
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -171,7 +189,7 @@ def write_json_report(report, path):
             return [clean(v) for v in value]
         return value
 
-    return write_json(path, clean(report))
+    return write_json(path, clean(report), kind=JSON_REPORT)
 
 
 def plot_confusion_matrix(report, path, class_names=None, normalize=True, title=None):
@@ -218,6 +236,6 @@ def plot_confusion_matrix(report, path, class_names=None, normalize=True, title=
         title = f"{report['mode']}: mIoU {100 * report['miou']:.2f}%"
     axes.set_title(title or "confusion matrix")
     figure.tight_layout()
-    with atomic_path(path) as temporary:
+    with atomic_path(path, PNG) as temporary:
         figure.savefig(temporary, format="png")
     return os.fspath(path)

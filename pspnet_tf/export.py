@@ -40,7 +40,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pspnet_tf.files import atomic_path
+from pspnet_tf import files
+from pspnet_tf.files import OutputKind, atomic_path
 from pspnet_tf.inference import as_predictor
 from pspnet_tf.inference_copy import fold_batch_norm
 from pspnet_tf.network import get_metadata, inference_model, rebuild
@@ -49,6 +50,41 @@ from pspnet_tf.precision import resolve_precision
 SIGNATURE = "serving_default"
 FORMATS = ("saved_model", "tflite", "onnx")
 QUANTIZATIONS = (None, "dynamic")
+# What a SavedModel folder holds; a folder with anything else is not replaced.
+_SAVED_MODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb",
+                        "keras_metadata.pb"}  # fmt: skip
+
+
+def _is_saved_model(path):
+    if files.is_empty_folder(path):
+        return True
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    entries = set(os.listdir(path))
+    return "saved_model.pb" in entries and entries <= _SAVED_MODEL_ENTRIES
+
+
+def _is_tflite(path):
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as file:
+        return file.read(8)[4:8] == b"TFL3"  # the flatbuffer's file identifier
+
+
+def _is_onnx(path):
+    # An ONNX ModelProto starts with field 1 (ir_version, a varint): byte 0x08.
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x08"
+
+
+# What each format writes, so that only a previous export of it is ever replaced.
+OUTPUT_KINDS = {
+    "saved_model": OutputKind("a SavedModel folder", _is_saved_model),
+    "tflite": OutputKind("a TFLite model", _is_tflite),
+    "onnx": OutputKind("an ONNX model", _is_onnx),
+}
 
 
 def serving_model(model):
@@ -132,7 +168,9 @@ def export_saved_model(model, path, precision=None):
     Args:
         model: a PSPNet (any build size, with or without aux head) or any Keras
             model taking ``(batch, None, None, 3)`` RGB 0-255 images.
-        path: str. Output directory (replaced if it exists).
+        path: str. Output directory. An existing one is replaced only if it is empty
+            or a previous SavedModel export; anything else raises
+            :class:`pspnet_tf.files.OutputExistsError`.
         precision: None (the model's own), ``"float32"``, ``"bfloat16"``, ``"float16"``
             or ``"mixed"`` (bfloat16 on CPUs, float16 on GPUs; decided where it exports):
             the exported graph's compute dtype. Inputs, outputs and weights keep their
@@ -145,9 +183,10 @@ def export_saved_model(model, path, precision=None):
     """
     # BatchNorm folded: fewer ops, all of them standard, so the graph runs on any machine
     # (the run-time kernels of pspnet_tf.autotune are for this process only).
+    files.check_output(path, OUTPUT_KINDS["saved_model"])  # before the slow part
     serving = fold_batch_norm(serving_model(model), precision=precision)
     metadata = _metadata_json(serving, precision=resolve_precision(precision))
-    with atomic_path(path) as temporary:
+    with atomic_path(path, OUTPUT_KINDS["saved_model"]) as temporary:
         _write_archive(serving, temporary, (None, None, None, 3), True, metadata)
     return os.fspath(path)
 
@@ -172,7 +211,8 @@ def export_tflite(model, path, input_size, quantization=None):
 
     Args:
         model: a PSPNet or any Keras model taking RGB 0-255 images.
-        path: str. Output ``.tflite`` file.
+        path: str. Output ``.tflite`` file; an existing file is replaced only if it
+            is a TFLite model.
         input_size: int or ``(height, width)``. The only size the model takes.
         quantization: None (float32) or ``"dynamic"`` (dynamic-range: int8
             weights, float activations; about 4x smaller).
@@ -186,6 +226,7 @@ def export_tflite(model, path, input_size, quantization=None):
     size = (input_size, input_size) if np.ndim(input_size) == 0 else tuple(input_size)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"input_size must be a positive int or (height, width), got {input_size}")
+    files.check_output(path, OUTPUT_KINDS["tflite"])
     fixed = _fixed_size_model(model, size)
     # The converter freezes variables reliably from a SavedModel; from a concrete
     # function of a Keras 3 model it silently produced NaN outputs.
@@ -195,7 +236,7 @@ def export_tflite(model, path, input_size, quantization=None):
         if quantization == "dynamic":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         content = converter.convert()
-    with atomic_path(path) as temporary, open(temporary, "wb") as f:
+    with atomic_path(path, OUTPUT_KINDS["tflite"]) as temporary, open(temporary, "wb") as f:
         f.write(content)
     return os.fspath(path)
 
@@ -231,7 +272,8 @@ def export_onnx(model, path, opset=17):
 
     Args:
         model: as for :func:`export_saved_model`.
-        path: str. Output ``.onnx`` file.
+        path: str. Output ``.onnx`` file; an existing file is replaced only if it
+            is an ONNX model.
         opset: int. ONNX opset.
 
     Returns:
@@ -243,9 +285,10 @@ def export_onnx(model, path, opset=17):
         import tf2onnx
     except ImportError as error:
         raise ImportError("ONNX export needs tf2onnx: pip install 'pspnet_tf[onnx]'") from error
+    files.check_output(path, OUTPUT_KINDS["onnx"])
     signature = [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
     serve = tf.function(serving_function(serving_model(model)), input_signature=signature)
-    with atomic_path(path) as temporary:
+    with atomic_path(path, OUTPUT_KINDS["onnx"]) as temporary:
         tf2onnx.convert.from_function(
             serve, input_signature=signature, opset=opset, output_path=temporary
         )

@@ -23,14 +23,17 @@ import keras
 import numpy as np
 from PIL import Image
 
-from pspnet_tf import classes
-from pspnet_tf.files import atomic_path
+from pspnet_tf import classes, files
+from pspnet_tf.files import FOLDER, JPEG, PNG, VIDEO, atomic_path
 from pspnet_tf.image_files import UnreadableImage, read_rgb
 from pspnet_tf.inference import as_predictor, predict_scores
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
 OUTPUTS = ("labels", "masks", "overlays")
+_IMAGE_KINDS = {"PNG": PNG, "JPEG": JPEG, "BMP": files.file_kind("a BMP image", b"BM")}
+# Each output's folder and file extension: labels/NAME.png, masks/NAME.png, overlays/NAME.jpg.
+_EXTENSIONS = {"labels": "png", "masks": "png", "overlays": "jpg"}
 log = logging.getLogger("pspnet_tf")
 
 
@@ -161,7 +164,7 @@ def read_image(path):
 
 def save_image(image, path):
     """Writes a ``(H, W, 3)`` uint8 RGB image; the format follows the extension."""
-    with atomic_path(path) as temporary:
+    with atomic_path(path, _IMAGE_KINDS[_format(path)]) as temporary:
         Image.fromarray(np.asarray(image, np.uint8)).save(temporary, format=_format(path))
     return os.fspath(path)
 
@@ -186,7 +189,7 @@ def save_label_png(labels, path, palette=None):
         given = np.asarray(given, np.uint8).reshape(-1, 3)[:256]
         colours[: len(given)] = given
         image.putpalette(colours.ravel().tolist())
-    with atomic_path(path) as temporary:
+    with atomic_path(path, PNG) as temporary:
         image.save(temporary, format="PNG")
     return os.fspath(path)
 
@@ -309,7 +312,11 @@ def predict_files(
 
     For each image ``NAME.ext``: ``labels/NAME.png`` (palette PNG of class
     indices), ``masks/NAME.png`` (colours) and ``overlays/NAME.jpg`` (colours
-    blended on the image), as selected by ``outputs``.
+    blended on the image), as selected by ``outputs``. Images from several folders
+    keep their folders below the folders' common parent (``labels/dirA/NAME.png``),
+    so no output is written twice (see :func:`output_names`). Every target is
+    checked before the first image is predicted: an existing file that is not an
+    image of the same format is refused (:func:`pspnet_tf.files.check_output`).
 
     Args:
         model: a Keras segmentation model or a :class:`pspnet_tf.inference.Predictor`.
@@ -339,12 +346,10 @@ def predict_files(
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
     predictor = as_predictor(model, precision=precision)
     palette, names = _visuals(predictor, class_names, palette)
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    if len(set(stems)) < len(stems):  # a.jpg and a.png: keep the extension in the name
-        stems = [os.path.basename(p).replace(".", "_") for p in paths]
+    planned = planned_outputs(paths, output_dir, outputs)
     progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
     written = []
-    for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
+    for i, (path, targets) in enumerate(zip(paths, planned, strict=True)):
         try:
             image = read_rgb(path)
         except UnreadableImage as error:
@@ -354,16 +359,72 @@ def predict_files(
             skipped.append((path, error.reason))
             continue
         labels = predict_image(predictor, image, mode, **options)
-        if "labels" in outputs:
-            target = os.path.join(output_dir, "labels", f"{stem}.png")
-            written.append(save_label_png(labels, target, palette))
-        for what, extension in (("masks", "png"), ("overlays", "jpg")):
-            if what in outputs:
+        for what, target in targets.items():
+            if what == "labels":
+                written.append(save_label_png(labels, target, palette))
+            else:
                 picture = _render(image, labels, what, palette, names, alpha, legend)
-                target = os.path.join(output_dir, what, f"{stem}.{extension}")
                 written.append(save_image(picture, target))
         progress.update(i + 1)
     return written
+
+
+def planned_outputs(paths, output_dir, outputs=OUTPUTS):
+    """The files :func:`predict_files` will write, checked before anything is predicted.
+
+    Args:
+        paths: list of image files.
+        output_dir: str. The output folder (need not exist).
+        outputs: any of :data:`OUTPUTS`.
+
+    Returns:
+        list (one per path) of dicts ``{output: file}``.
+
+    Raises:
+        ValueError: an image given twice.
+        pspnet_tf.files.OutputExistsError: ``output_dir`` is a file, or a target holds
+            something other than an image of its format.
+    """
+    files.check_output(output_dir, FOLDER)
+    planned = []
+    for name in output_names(paths):
+        targets = {w: os.path.join(output_dir, w, f"{name}.{_EXTENSIONS[w]}") for w in outputs}
+        for target in targets.values():
+            files.check_output(target, _IMAGE_KINDS[_format(target)])
+        planned.append(targets)
+    return planned
+
+
+def output_names(paths):
+    """Unique output names (no extension, ``/`` for folders) for image files.
+
+    A name is the image's path below the common folder of all images, without its
+    extension: ``dirA/img.jpg`` and ``dirB/img.jpg`` become ``dirA/img`` and
+    ``dirB/img``; images of one folder keep their file names. Where two images differ
+    only in the extension (``a.jpg``, ``a.png``), it is kept: ``a_jpg``, ``a_png``.
+
+    Args:
+        paths: list of str. Image files; the same file twice is an error.
+
+    Returns:
+        list of str, one per path.
+
+    Raises:
+        ValueError: a file given twice.
+    """
+    absolute = [os.path.abspath(os.fspath(p)) for p in paths]
+    if len(set(absolute)) < len(absolute):
+        twice = sorted({p for p in absolute if absolute.count(p) > 1})
+        raise ValueError(f"input given twice: {', '.join(twice)}")
+    if not absolute:
+        return []
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    relative = [os.path.relpath(p, common) for p in absolute]
+    names = [os.path.splitext(r)[0] for r in relative]
+    if len(set(names)) < len(names):  # a.jpg and a.png: keep the extension in the name
+        names = [os.path.join(os.path.dirname(r), os.path.basename(r).replace(".", "_"))
+                 for r in relative]  # fmt: skip
+    return [name.replace(os.sep, "/") for name in names]
 
 
 def predict_video(
@@ -403,9 +464,11 @@ def predict_video(
     progress = keras.utils.Progbar(frames, verbose=verbose, unit_name="frame")
     videos = [w for w in ("masks", "overlays") if w in outputs]
     targets = {w: os.path.join(output_dir, f"{stem}_{w}{extension}") for w in videos}
+    for target in targets.values():
+        files.check_output(target, VIDEO)
     written, writers, index = [], {}, 0
     with contextlib.ExitStack() as stack:
-        temporaries = {w: stack.enter_context(atomic_path(t)) for w, t in targets.items()}
+        temporaries = {w: stack.enter_context(atomic_path(t, VIDEO)) for w, t in targets.items()}
         stack.callback(capture.release)
         while True:
             ok, frame = capture.read()

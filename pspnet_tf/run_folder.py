@@ -29,11 +29,20 @@ import h5py
 import keras
 import yaml
 
-from pspnet_tf.files import atomic_path, remove_stale_temporaries, write_json, write_text
+from pspnet_tf.files import (
+    atomic_path,
+    check_output,
+    folder_kind,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 
 BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
+# A run folder is empty or holds the config.yaml that prepare() writes first.
+RUN_FOLDER = folder_kind("a run folder (it has no config.yaml)", CONFIG_FILE)
 WEIGHTS_FILE = "latest.weights.h5"  # Keras' BackupAndRestore names, kept for tools reading them
 METADATA_FILE = "training_metadata.json"
 # Stored inside each backup, so that its weights and its epoch cannot disagree.
@@ -78,7 +87,10 @@ def prepare(output, config, *, write=True, resumable_changes=()):
     Raises:
         ValueError: naming ``config.yaml``, if it is corrupt or holds other settings and
             the folder holds a finished epoch to resume.
+        pspnet_tf.files.OutputExistsError: ``output`` is a file, or a folder of other
+            things (neither empty nor a run folder).
     """
+    check_output(output, RUN_FOLDER)
     folders = (output, os.path.join(output, BACKUP_DIR), os.path.join(output, CHECKPOINT_DIR))
     for folder in folders if write else ():
         for path in remove_stale_temporaries(folder):

@@ -24,7 +24,7 @@ from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
 from pspnet_tf.callbacks import make_callbacks
 from pspnet_tf.classes import resolve_classes
-from pspnet_tf.files import atomic_path
+from pspnet_tf.files import KERAS_MODEL, atomic_path
 from pspnet_tf.model import build_pspnet
 from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
@@ -231,7 +231,7 @@ def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
     )
     if chief:
         serving = rebuild(inference_model(model), input_shape=(None, None, 3), aux_head=False)
-        with atomic_path(os.path.join(output, "model.keras")) as temporary:
+        with atomic_path(os.path.join(output, "model.keras"), KERAS_MODEL) as temporary:
             serving.save(temporary)
     return model, history
 

@@ -181,6 +181,37 @@ def _check_sixteen_bit(tmp):
     np.testing.assert_array_equal(labels, expected)
 
 
+def _user_folder(tmp):
+    """tmp/out/k holding the user's notes.txt, which no command may delete."""
+    folder = tmp / "out" / "k"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+def _notes_kept(tmp):
+    assert (tmp / "out" / "k" / "notes.txt").read_text() == "mine"
+    assert os.listdir(tmp / "out" / "k") == ["notes.txt"]
+
+
+def _two_folders_same_name(tmp, rng):
+    for folder in ("dirA", "dirB"):
+        (tmp / folder).mkdir()
+        (tmp / folder / "img.jpg").write_bytes(_jpeg_bytes(rng))
+    return [str(tmp / "dirA"), str(tmp / "dirB")]
+
+
+def _check_mirrored(tmp):
+    for folder in ("dirA", "dirB"):
+        assert _written(tmp, f"{folder}/img") == [True] * 3
+    photos = {
+        folder: np.asarray(Image.open(tmp / folder / "img.jpg")) for folder in ("dirA", "dirB")
+    }
+    for folder, image in photos.items():  # each output belongs to its own input
+        labels = np.asarray(Image.open(tmp / "out" / "labels" / folder / "img.png"))
+        np.testing.assert_array_equal(labels, numpy_labels(image))
+
+
 def _broken_model(kind):
     def make(tmp, model, rng):
         path = tmp / f"{kind}.keras"
@@ -202,6 +233,7 @@ def _evaluate(tmp, model, rng, *extra, breaker=_truncate):
 
 
 UNREADABLE = "not a readable .keras file (truncated or not a Keras model)"
+REFUSED = "{tmp}/out/k: exists (a folder holding notes.txt) and is not "
 # The bad-flag rows name a model that does not exist: the flag must fail before it is read.
 CASES = {
     "truncated .keras, predict": Case(
@@ -328,6 +360,81 @@ CASES = {
         2,
         ("pspnet-tf export: error: --format tflite needs --input-size H [W]",),
     ),
+    "export into a folder of the user's files": Case(
+        lambda tmp, model, rng: (
+            _user_folder(tmp),
+            ["export", "--model", model, "--output", str(tmp / "out" / "k")],
+        )[1],
+        1,
+        ("pspnet-tf export: error: " + REFUSED + "a SavedModel folder; refusing to replace it",),
+        check=_notes_kept,
+    ),
+    "export tflite onto a folder of the user's files": Case(
+        lambda tmp, model, rng: (
+            _user_folder(tmp),
+            [
+                "export",
+                "--model",
+                model,
+                "--format",
+                "tflite",
+                "--input-size",
+                "8",
+                "--output",
+                str(tmp / "out" / "k"),
+            ],
+        )[1],  # fmt: skip
+        1,
+        ("pspnet-tf export: error: " + REFUSED + "a TFLite model",),
+        check=_notes_kept,
+    ),
+    "evaluate --json onto a folder": Case(
+        lambda tmp, model, rng: (
+            _user_folder(tmp),
+            _evaluate(tmp, model, rng, "--json", str(tmp / "out" / "k"), breaker=None),
+        )[1],
+        1,
+        ("pspnet-tf evaluate: error: " + REFUSED + "an evaluation report",),
+        check=_notes_kept,
+    ),
+    "evaluate --json onto a file that is not a report": Case(
+        lambda tmp, model, rng: (
+            _user_folder(tmp),
+            _evaluate(
+                tmp, model, rng, "--json", str(tmp / "out" / "k" / "notes.txt"), breaker=None
+            ),
+        )[1],
+        1,
+        (
+            "pspnet-tf evaluate: error: {tmp}/out/k/notes.txt: exists (a file) and is not an "
+            "evaluation report",
+        ),  # fmt: skip
+        check=_notes_kept,
+    ),
+    "predict --output an existing file": Case(
+        lambda tmp, model, rng: (
+            _photos(tmp, rng),
+            (tmp / "out").write_text("mine"),
+            _predict(tmp, str(tmp / "unread.keras")),
+        )[2],
+        1,
+        ("pspnet-tf predict: error: {tmp}/out: exists (a file) and is not a folder",),
+        check=lambda tmp: (tmp / "out").read_text() == "mine",
+    ),
+    "predict: two folders holding the same file name": Case(
+        lambda tmp, model, rng: _predict(tmp, model, inputs=_two_folders_same_name(tmp, rng)),
+        0,
+        out=("wrote 6 files to {tmp}/out: 2 of 2 images",),
+        check=_check_mirrored,
+    ),
+    "predict: the same image twice": Case(
+        lambda tmp, model, rng: (
+            _photos(tmp, rng),
+            _predict(tmp, model, inputs=[str(tmp / "photos" / "a.jpg")] * 2),
+        )[1],
+        1,
+        ("pspnet-tf predict: error: input given twice: {tmp}/photos/a.jpg",),
+    ),
     "export --input-size 0": Case(
         lambda tmp, model, rng: _tflite_export(tmp, "--input-size", "0"),
         2,
@@ -420,4 +527,31 @@ def test_saved_model_refuses_wrong_dtypes(saved_model, name):
 def test_saved_model_serves_uint8_arrays(saved_model):
     image = np.random.default_rng(3).integers(0, 256, (1, *SIZE, 3)).astype("uint8")
     labels = load_saved_model(saved_model)(image)["labels"].numpy()
+    np.testing.assert_array_equal(labels[0], numpy_labels(image[0]))
+
+
+def test_export_to_the_current_folder_deletes_nothing(model_file, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    assert _run(["export", "--model", model_file, "--output", "."]) == 1
+    err = capsys.readouterr().err
+    assert f"pspnet-tf export: error: {work}: exists (a folder holding mine.txt)" in err
+    assert os.listdir(work) == ["mine.txt"]
+
+
+def test_a_previous_export_is_replaced_whole(model_file, tmp_path, capsys):
+    """An earlier SavedModel (its contents recognised) is replaced; a killed export's
+    hidden temporary is cleaned up by the next run."""
+    target = tmp_path / "sm"
+    assert _run(["export", "--model", model_file, "--output", str(target)]) == 0
+    stale = tmp_path / ".sm.tmp999999999"  # a dead writer's pid
+    (stale / "variables").mkdir(parents=True)
+    first = (target / "saved_model.pb").stat().st_mtime_ns
+    assert _run(["export", "--model", model_file, "--output", str(target)]) == 0
+    assert (target / "saved_model.pb").stat().st_mtime_ns != first
+    assert sorted(os.listdir(tmp_path)) == ["sm"]
+    image = np.random.default_rng(1).integers(0, 256, (1, *SIZE, 3)).astype("uint8")
+    labels = load_saved_model(target)(image)["labels"].numpy()
     np.testing.assert_array_equal(labels[0], numpy_labels(image[0]))

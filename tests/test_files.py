@@ -5,7 +5,17 @@ import sys
 
 import pytest
 
-from pspnet_tf.files import atomic_path, remove_stale_temporaries, write_json, write_text
+from pspnet_tf.files import (
+    ANY_FILE,
+    PNG,
+    OutputExistsError,
+    OutputKind,
+    atomic_path,
+    check_output,
+    remove_stale_temporaries,
+    write_json,
+    write_text,
+)
 
 
 def test_atomic_path_renames_on_success_and_keeps_the_suffix(tmp_path):
@@ -30,13 +40,67 @@ def test_atomic_path_leaves_the_old_file_on_an_exception(tmp_path):
     assert os.listdir(tmp_path) == ["report.json"]
 
 
-def test_atomic_path_replaces_a_folder(tmp_path):
+# A folder kind that recognises its own outputs by a marker file.
+MARKED = OutputKind("a marked folder", lambda p: os.path.isfile(os.path.join(p, "MARK")))
+
+
+def test_atomic_path_replaces_a_folder_only_when_the_kind_recognises_it(tmp_path):
     target = tmp_path / "saved"
     (target / "old").mkdir(parents=True)
-    with atomic_path(target) as temporary:
+    (target / "MARK").write_text("")
+    with atomic_path(target, MARKED) as temporary:
         os.makedirs(os.path.join(temporary, "new"))
     assert os.listdir(target) == ["new"]
     assert os.listdir(tmp_path) == ["saved"]
+
+
+@pytest.mark.parametrize("kind", [ANY_FILE, MARKED, PNG])
+def test_atomic_path_refuses_a_folder_of_other_things_and_leaves_it(tmp_path, kind):
+    target = tmp_path / "k"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"k: exists \(a folder holding notes.txt\)"):
+        with atomic_path(target, kind) as temporary:
+            os.makedirs(temporary)
+    assert (target / "notes.txt").read_text() == "mine"
+    assert os.listdir(tmp_path) == ["k"]
+
+
+def test_atomic_path_refuses_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "mine.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputExistsError, match="mine.txt"), atomic_path(".", MARKED):
+        pass
+    assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_a_file_is_replaced_only_if_it_is_of_the_writers_kind(tmp_path):
+    png, text = tmp_path / "a.png", tmp_path / "b.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nold")
+    text.write_text("not a picture")
+    write_text(png, "\x89PNG\r\n\x1a\nnew", PNG)
+    assert png.read_text().endswith("new")
+    with pytest.raises(OutputExistsError, match=r"b.png: exists \(a file\) and is not a PNG"):
+        write_text(text, "x", PNG)
+    assert text.read_text() == "not a picture"
+
+
+def test_a_parent_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputExistsError, match=r"f is a file, not a folder"):
+        check_output(tmp_path / "f" / "sub" / "out.png")
+
+
+def test_a_killed_writers_temporary_of_the_same_target_is_cleaned(tmp_path):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f".model.tmp{int(child.stdout)}"
+    stale.mkdir()
+    other = tmp_path / f".other.tmp{int(child.stdout)}"
+    other.mkdir()
+    with atomic_path(tmp_path / "model", MARKED) as temporary:
+        os.makedirs(temporary)
+    assert sorted(os.listdir(tmp_path)) == sorted(["model", other.name])
 
 
 def test_write_text_and_json(tmp_path):
