@@ -8,13 +8,15 @@ and precision (fp32; bf16 = Keras mixed_bfloat16 vs torch.autocast bfloat16), on
 process builds both models with the same weights, checks that parameter counts and
 convolution FLOPs agree (and fp32 inference logits), then times them alternately
 (TF, PyTorch, TF, PyTorch, ...). Peak memory comes from separate processes, one per
-framework and case. Prints the machine (CPU, ISA features, oneDNN on or off), a table
-with ours/PyTorch ratios and the kernels :mod:`pspnet_tf.autotune` chose for each case;
-``--json`` writes it all.
+framework and case. Prints the machine (CPU, ISA features, oneDNN on or off), the
+measured fp32/bf16 matmul peak, and a table with ours/PyTorch ratios and each row's
+GFLOP/s as a fraction of that peak; below it, what each case ran (frozen graph or
+tf.function, XLA on or off). ``--modes`` adds other ways of running ours (see
+:data:`pspnet_tf.benchmark.MODES`); ``--json`` writes it all.
 
 An AVX2-only CPU can be emulated on an AVX-512 one: ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN in
 both frameworks) and ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own kernels), with
-``TF_ENABLE_ONEDNN_OPTS=0`` for TensorFlow's default there or unset for pspnet_tf's.
+``TF_ENABLE_ONEDNN_OPTS=0`` for TensorFlow's default on a real AVX2-only CPU.
 """
 
 from __future__ import annotations
@@ -97,11 +99,13 @@ def check_twins(keras_model, torch_model, kind, size):
     return result
 
 
-def run_pair(kind, backbone, batch, size, precision, runs, threads, warmup=2):
+def run_pair(kind, backbone, batch, size, precision, runs, threads, mode, warmup=2):
     """Child process: both frameworks, alternating timings."""
     from pspnet_tf import machine
 
-    tf_step, keras_model, flops, kernels = _keras_case(kind, backbone, batch, size, precision)
+    keras_model, tf_step, flops, ran = bench.build_case(
+        kind, backbone, batch, size, precision, mode
+    )
     torch_step, torch_model = torch_case(
         keras_model, kind, backbone, batch, size, precision, threads
     )
@@ -115,18 +119,13 @@ def run_pair(kind, backbone, batch, size, precision, runs, threads, warmup=2):
         torch_times.append(bench.timed(torch_step))
     return {
         "tf": tf_times, "torch": torch_times, "check": check, "step_flops": flops,
-        "kernels": kernels, "machine": machine.describe(),
+        "ran": ran, "machine": machine.describe(),
     }  # fmt: skip
 
 
-def _keras_case(kind, backbone, batch, size, precision):
-    model, step, flops, kernels = bench.build_case(kind, backbone, batch, size, precision)
-    return step, model, flops, kernels
-
-
-def run_memory(framework, kind, backbone, batch, size, precision, threads, steps=3):
+def run_memory(framework, kind, backbone, batch, size, precision, threads, mode, steps=3):
     """Child process: peak resident memory of a few steps of one framework alone."""
-    step, keras_model, _, _ = _keras_case(kind, backbone, batch, size, precision)
+    keras_model, step, _, _ = bench.build_case(kind, backbone, batch, size, precision, mode)
     if framework == "torch":
         step, _ = torch_case(keras_model, kind, backbone, batch, size, precision, threads)
         del keras_model
@@ -145,17 +144,17 @@ def main(argv=None):
         "--cases", nargs="+", default=None, help='only these, e.g. "resnet50 train 320 b4 fp32"'
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--modes", nargs="+", default=["default"], choices=bench.MODES)
     parser.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         mode, *rest = args.child
-        kind, backbone, batch, size, precision = rest[:5]
+        kind, backbone, batch, size, precision, ours = rest[:6]
+        case = (kind, backbone, int(batch), int(size), precision)
         if mode == "pair":
-            out = run_pair(
-                kind, backbone, int(batch), int(size), precision, int(rest[5]), args.threads
-            )
+            out = run_pair(*case, int(rest[6]), args.threads, ours)
         else:
-            out = run_memory(mode, kind, backbone, int(batch), int(size), precision, args.threads)
+            out = run_memory(mode, *case, args.threads, ours)
         print(json.dumps(out))
         return 0
     runs = args.runs or (5 if args.quick else 10)
@@ -167,11 +166,16 @@ def main(argv=None):
             if backbone == "resnet101" and size != 473:
                 continue
             for precision in ("fp32", "bf16"):
-                case = f"{backbone} {kind} {size} b{batch} {precision}"
-                if args.cases and case not in args.cases:
-                    continue
-                rows.append(_measure(kind, backbone, batch, size, precision, runs, args, peaks))
-                print(_format_row(rows[-1]), flush=True)
+                for mode in args.modes:
+                    case = f"{backbone} {kind} {size} b{batch} {precision}"
+                    if (args.cases and case not in args.cases) or (kind, mode) == (
+                        "train",
+                        "frozen",
+                    ):
+                        continue
+                    case = [kind, backbone, batch, size, precision, mode]
+                    rows.append(_measure(case, runs, args, peaks))
+                    print(_format_row(rows[-1]), flush=True)
     print()
     for line in sorted({f"machine: {r['machine']}" for r in rows}):
         print(line)
@@ -181,14 +185,14 @@ def main(argv=None):
     for row in rows:
         print(_format_row(row))
     for row in rows:
-        print(f"  {row['case']}: {row['kernels']}")
+        print(f"  {row['case']}: {row['ran']}")
     if args.json:
         write_json(args.json, {"threads": args.threads, "peaks": peaks, "rows": rows})
     return 0
 
 
-def _measure(kind, backbone, batch, size, precision, runs, args, peaks):
-    case = [kind, backbone, batch, size, precision]
+def _measure(case, runs, args, peaks):
+    kind, backbone, batch, size, precision, mode = case
     script = [os.path.abspath(__file__)]
     pair = bench.run_child(["pair", *case, runs], args.threads, script=script)
     memory = {
@@ -201,13 +205,14 @@ def _measure(kind, backbone, batch, size, precision, runs, args, peaks):
     tf_median, torch_median = statistics.median(pair["tf"]), statistics.median(pair["torch"])
     peak = peaks["bfloat16" if precision == "bf16" else "float32"]
     return {
-        "case": f"{backbone} {kind} {size} b{batch} {precision}",
+        "case": f"{backbone} {kind} {size} b{batch} {precision}"
+        + ("" if mode == "default" else f" {mode}"),
         "tf_median_s": tf_median, "tf_min_s": min(pair["tf"]), "tf_max_s": max(pair["tf"]),
         "torch_median_s": torch_median, "ratio": tf_median / torch_median,
         "tf_images_per_s": batch / tf_median, "torch_images_per_s": batch / torch_median,
         "tf_fraction_of_peak": step_flops * batch / tf_median / 1e9 / peak,
         "tf_rss_mb": memory["tf"], "torch_rss_mb": memory["torch"], "check": pair["check"],
-        "kernels": pair["kernels"], "machine": pair["machine"], "timestamp": time.time(),
+        "ran": pair["ran"], "machine": pair["machine"], "timestamp": time.time(),
     }  # fmt: skip
 
 

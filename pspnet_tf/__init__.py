@@ -1,26 +1,67 @@
 """pspnet_tf: PSPNet (Pyramid Scene Parsing Network) for Keras 3 on TensorFlow.
 
+Everything a user calls is importable from here; the names load their modules on first
+use. ``import pspnet_tf`` registers the custom layers, so ``keras.models.load_model``
+reads pspnet_tf's ``.keras`` files afterwards. It changes no process state (environment,
+logging, seeds, file descriptors).
+
 Example:
 >>> from pspnet_tf import build_pspnet
 >>> model = build_pspnet(num_classes=21, backbone="mobilenetv2", input_shape=(320, 320, 3))
 """
 
-# Before TensorFlow loads: oneDNN where TF would leave it off, quiet start-up in the CLI.
-from pspnet_tf import machine as _machine
-
-_machine.prepare_tensorflow()
-
-from pspnet_tf import layers  # noqa: E402, F401  (registers the custom layers for load_model)
-from pspnet_tf.model import build_pspnet  # noqa: E402
-from pspnet_tf.network import get_metadata, inference_model, rebuild, set_metadata  # noqa: E402
+import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "build_pspnet",
-    "get_metadata",
-    "inference_model",
-    "rebuild",
-    "set_metadata",
-]
+# Public name -> the module that holds it.
+_API = {
+    "build_pspnet": "pspnet_tf.model",
+    "get_metadata": "pspnet_tf.network",
+    "inference_model": "pspnet_tf.network",
+    "rebuild": "pspnet_tf.network",
+    "set_metadata": "pspnet_tf.network",
+    "load_dataset": "pspnet_tf.data",
+    "compile_for_training": "pspnet_tf.training",
+    "train": "pspnet_tf.training",
+    "evaluate": "pspnet_tf.evaluation",
+    "Predictor": "pspnet_tf.inference",
+    "as_predictor": "pspnet_tf.inference",
+    "predict_image": "pspnet_tf.predict",
+    "predict_path": "pspnet_tf.predict",
+    "export_saved_model": "pspnet_tf.export",
+    "export_tflite": "pspnet_tf.export",
+    "export_onnx": "pspnet_tf.export",
+    "load_saved_model": "pspnet_tf.export",
+    "run_demo": "pspnet_tf.demo",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name):
+    if name not in _API:
+        raise AttributeError(f"module 'pspnet_tf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+def _is_command_line():
+    """Whether this process is the ``pspnet-tf`` command (or ``python -m pspnet_tf``)."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") in ("pspnet-tf", "pspnet-tf.exe"):
+        return True
+    orig = list(getattr(sys, "orig_argv", []))
+    return "-m" in orig and orig[orig.index("-m") + 1 :][:1] in (["pspnet_tf"], ["pspnet_tf.cli"])
+
+
+# The command line imports TensorFlow only for the commands that need it (not --help or
+# --version), quietly; it registers the layers itself where it loads a model.
+if not _is_command_line():
+    from pspnet_tf import layers  # noqa: F401  (registers the custom layers for load_model)

@@ -1,5 +1,3 @@
-import sys
+from pspnet_tf.cli import console
 
-from pspnet_tf.cli import main
-
-sys.exit(main())
+console()

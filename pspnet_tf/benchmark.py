@@ -65,58 +65,73 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def build_case(kind, backbone, batch, size, precision="fp32"):
+# How a case's step runs. "default" is what the package runs on this machine: prediction
+# and evaluation a frozen graph (pspnet_tf.inference.frozen_function), training Keras'
+# jit_compile="auto" (XLA on GPUs only). The others: "graph" (a tf.function of the model
+# as it is / compile(jit_compile=False)), "frozen" and "xla" (XLA forced on).
+MODES = ("default", "graph", "frozen", "xla")
+
+
+def build_case(kind, backbone, batch, size, precision="fp32", mode="default"):
     """One case's model and step.
 
-    ``infer``: a forward pass (``training=False``) of the copy prediction and evaluation
-    run (:func:`pspnet_tf.autotune.for_inference`) in a ``tf.function``. ``train``: one
-    ``train_on_batch`` of the model with the aux head, CE + 0.4 x aux CE, SGD momentum,
-    with the training kernels chosen here (:func:`pspnet_tf.autotune.for_training`); its
-    FLOPs count as 3x the forward pass (forward, input and weight gradients).
+    ``infer``: a forward pass (``training=False``) run as ``mode`` says. ``train``: one
+    ``train_on_batch`` of the model with the aux head, CE + 0.4 x aux CE, SGD momentum;
+    its FLOPs count as 3x the forward pass (forward, input and weight gradients).
 
     Returns:
-        ``(model, step, conv FLOPs per image and step, what the kernel choice said)``.
+        ``(model, step, conv FLOPs per image and step, what ran: graph kind and XLA)``.
     """
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from pspnet_tf import autotune, build_pspnet
+    from pspnet_tf import build_pspnet
+    from pspnet_tf.inference import frozen_function
 
+    if mode not in MODES or (kind == "train" and mode == "frozen"):
+        raise ValueError(f"mode {mode!r} is not one of {MODES} for {kind}")
     if precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)), tf.float32)
     model = build_pspnet(NUM_CLASSES, backbone, (size, size, 3), aux_head=kind == "train")
     flops = conv_flops(model)
-    if kind == "infer":  # the graph predict and evaluate run (BatchNorm folded, ...)
-        fast, report = autotune.for_inference(model, sample_shape=images.shape)
-        forward = tf.function(lambda x: fast(x, training=False))
-        return model, (lambda: forward(images).numpy()), flops, report.summary()
+    if kind == "infer":
+        if mode in ("default", "frozen"):
+            forward, ran = frozen_function(model, (None, size, size, 3)), "frozen graph, XLA off"
+        else:
+            xla = mode == "xla"
+            forward = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+            ran = f"tf.function, XLA {'on' if xla else 'off'}"
+        return model, (lambda: forward(images).numpy()), flops, ran
     labels = tf.constant(rng.integers(0, NUM_CLASSES, (batch, size, size)), tf.int32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255)
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss={"main": loss, "aux": loss},
         loss_weights={"main": 1.0, "aux": 0.4},
+        jit_compile={"default": "auto", "graph": False, "xla": True}[mode],
     )
-    report = autotune.for_training(model, batch_size=batch)
     targets = {"main": labels, "aux": labels}
-    return model, (lambda: model.train_on_batch(images, targets)), 3 * flops, report.summary()
+    step = lambda: model.train_on_batch(images, targets)  # noqa: E731
+    step()  # compiles; Keras resolves "auto" here
+    ran = f"model.fit step, XLA {'on' if model.jit_compile else 'off'}"
+    return model, step, 3 * flops, ran
 
 
-def run_case(kind, backbone, batch, size, precision="fp32", runs=10, warmup=2):
+def run_case(kind, backbone, batch, size, precision="fp32", runs=10, warmup=2, mode="default"):
     """Times one case in this process; returns a JSON-ready dict."""
     from pspnet_tf import machine
 
-    _, step, flops, kernels = build_case(kind, backbone, batch, size, precision)
+    _, step, flops, ran = build_case(kind, backbone, batch, size, precision, mode)
     for _ in range(warmup):
         step()
     return {
         "kind": kind, "backbone": backbone, "batch": batch, "size": size,
-        "precision": precision, "times": [timed(step) for _ in range(runs)],
+        "precision": precision, "mode": mode, "times": [timed(step) for _ in range(runs)],
         "flops_per_image": flops, "peak_rss_mb": peak_rss_mb(),
-        "kernels": kernels, "machine": machine.describe(),
+        "ran": ran, "machine": machine.describe(),
     }  # fmt: skip
 
 
@@ -149,18 +164,18 @@ def summarise(result, peaks):
     achieved = result["flops_per_image"] * result["batch"] / median / 1e9
     peak = peaks["bfloat16" if result["precision"] == "bf16" else "float32"]
     return {
-        **{k: result[k] for k in ("kind", "backbone", "batch", "size", "precision")},
+        **{k: result[k] for k in ("kind", "backbone", "batch", "size", "precision", "mode")},
         "median_s": median, "min_s": min(result["times"]), "max_s": max(result["times"]),
         "images_per_s": result["batch"] / median,
         "gflop_per_image": result["flops_per_image"] / 1e9 / passes,
         "achieved_gflops": achieved, "fraction_of_peak": achieved / peak,
-        "peak_rss_mb": result["peak_rss_mb"], "kernels": result["kernels"],
+        "peak_rss_mb": result["peak_rss_mb"], "ran": result["ran"],
         "machine": result["machine"],
     }  # fmt: skip
 
 
 def format_table(rows, peaks):
-    """The benchmark table as text: the machine, the timings, the kernels each case ran."""
+    """The benchmark table as text: the machine, the timings, what each case ran."""
     lines = [
         *sorted({f"machine: {r['machine']}" for r in rows}),
         f"matmul peak (measured): fp32 {peaks['float32']:.0f} GFLOP/s, "
@@ -175,12 +190,13 @@ def format_table(rows, peaks):
             f"{r['max_s'] * 1000:<7.0f} {r['images_per_s']:>7.2f} {r['gflop_per_image']:>9.1f} "
             f"{r['achieved_gflops']:>8.0f} {r['fraction_of_peak']:>5.0%} {r['peak_rss_mb']:>7.0f}"
         )
-    lines += [f"  {_case(r)}: {r['kernels']}" for r in rows]
+    lines += [f"  {_case(r)}: {r['ran']}" for r in rows]
     return "\n".join(lines)
 
 
 def _case(r):
-    return f"{r['backbone']} {r['kind']} {r['size']} b{r['batch']} {r['precision']}"
+    mode = "" if r["mode"] == "default" else f" {r['mode']}"
+    return f"{r['backbone']} {r['kind']} {r['size']} b{r['batch']} {r['precision']}{mode}"
 
 
 def measure_peaks(threads):
@@ -198,8 +214,8 @@ def measure_peaks(threads):
 def _child(args):
     if args[0] == "peak":
         return {"gflops": peak_gflops(args[1])}
-    kind, backbone, batch, size, precision, runs = args[1:7]
-    return run_case(kind, backbone, int(batch), int(size), precision, int(runs))
+    kind, backbone, batch, size, precision, runs, mode = args[1:8]
+    return run_case(kind, backbone, int(batch), int(size), precision, int(runs), mode=mode)
 
 
 def add_arguments(parser):
@@ -211,6 +227,11 @@ def add_arguments(parser):
         "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"]
     )
     parser.add_argument("--backbones", nargs="+", default=None, choices=BACKBONES)
+    parser.add_argument(
+        "--modes", nargs="+", default=["default"], choices=MODES,
+        help="default: what pspnet_tf runs here (frozen inference graph, Keras' XLA choice); "
+        "graph: plain tf.function / jit_compile=False; frozen; xla: XLA forced on",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     return parser
@@ -235,11 +256,12 @@ def run(args):
             if backbone == "resnet101" and size != 473:
                 continue
             for precision in args.precision:
-                result = run_child(
-                    ["case", kind, backbone, batch, size, precision, runs], args.threads
-                )
-                rows.append(summarise(result, peaks))
-                print(format_table(rows[-1:], peaks).splitlines()[-2], flush=True)
+                for mode in args.modes:
+                    if kind == "train" and mode == "frozen":
+                        continue
+                    case = ["case", kind, backbone, batch, size, precision, runs, mode]
+                    rows.append(summarise(run_child(case, args.threads), peaks))
+                    print(format_table(rows[-1:], peaks).splitlines()[-2], flush=True)
     print(format_table(rows, peaks))
     if args.json:
         result = {"threads": args.threads, "peaks": peaks, "rows": rows}

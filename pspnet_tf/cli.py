@@ -1,13 +1,13 @@
 """The ``pspnet-tf`` command line (also ``python -m pspnet_tf``).
 
 Each subcommand is a small function taking the parsed arguments; its imports happen
-inside it. ``import pspnet_tf`` (which runs before this module) chooses TensorFlow's
-start-up settings and, for the command line, silences TensorFlow's start-up log lines
-(:func:`pspnet_tf.machine.prepare_tensorflow`).
+inside it, so ``--help`` and ``--version`` never load TensorFlow. :func:`console` (the
+installed command) silences TensorFlow's start-up log lines for its own process;
+:func:`main` changes nothing, so tests and scripts can call it in-process.
 
-Environment: ``PSPNET_TF_KERNELS`` (``auto``, ``probe``, ``off`` or ``NAME=on|off,...``)
-chooses the run-time kernels (:mod:`pspnet_tf.autotune`); ``TF_ENABLE_ONEDNN_OPTS``
-(0 or 1) decides oneDNN yourself.
+Environment: ``TF_ENABLE_ONEDNN_OPTS`` (0 or 1) turns TensorFlow's oneDNN kernels off or
+on (the README's performance section says when each helps); ``PSPNET_TF_DEBUG=1`` shows
+tracebacks.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _load_model(path):
 
     import keras
 
-    import pspnet_tf  # noqa: F401  (registers the custom layers)
+    import pspnet_tf.layers  # noqa: F401  (registers the custom layers)
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path!r}: no such file")
@@ -113,11 +113,13 @@ def _evaluate(args):
     from pspnet_tf.data import load_dataset, short_reason
     from pspnet_tf.evaluation import (
         BASE_SIZES,
+        JSON_REPORT,
         evaluate,
         format_report,
         plot_confusion_matrix,
         write_json_report,
     )
+    from pspnet_tf.files import PNG, check_output
     from pspnet_tf.inference import as_predictor
 
     _check_positive(args, "num_classes", "crop_size", "stride", "base_size", "max_images", "scales")
@@ -126,6 +128,10 @@ def _evaluate(args):
     base_size = args.base_size or BASE_SIZES.get(args.layout)
     if args.mode == "multiscale" and not base_size:
         raise UsageError("--mode multiscale with --layout list needs --base-size")
+    if args.json:
+        check_output(args.json, JSON_REPORT)  # before the model is read
+    if args.confusion_png:
+        check_output(args.confusion_png, PNG)
     predictor = as_predictor(_load_model(args.model), precision=args.precision)
     num_classes = args.num_classes or predictor.num_classes
     bad = _bad_pairs(args, num_classes)
@@ -197,13 +203,21 @@ def _height_width(values, flag="size"):
 def _predict(args):
     """Unreadable images are skipped and listed (exit 1); --strict stops at the first."""
     from pspnet_tf.inference import as_predictor
-    from pspnet_tf.predict import image_paths, is_video, predict_files, predict_video
+    from pspnet_tf.predict import (
+        image_paths,
+        is_video,
+        planned_outputs,
+        predict_files,
+        predict_video,
+    )
 
     _check_positive(args, "crop_size", "base_size")
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     video = len(args.input) == 1 and is_video(args.input[0]) and os.path.isfile(args.input[0])
     paths = None if video else image_paths(args.input)  # a bad --input fails before loading
+    if paths:
+        planned_outputs(paths, args.output, args.outputs)  # so does a bad --output
     options = dict(
         outputs=args.outputs, legend=args.legend, alpha=args.alpha,
         class_names=args.class_names or args.dataset, palette=args.dataset, mode=args.mode,
@@ -227,6 +241,7 @@ def _predict(args):
 
 def _export(args):
     from pspnet_tf import export
+    from pspnet_tf.files import check_output
 
     # Flags first: a bad one fails before the model is loaded.
     if args.precision and args.format != "saved_model":
@@ -235,6 +250,7 @@ def _export(args):
         raise UsageError("--format tflite needs --input-size H [W]")
     _check_positive(args, "input_size")
     input_size = _height_width(args.input_size, "--input-size")
+    check_output(args.output, export.OUTPUT_KINDS[args.format])  # before the model is read
     model = _load_model(args.model)
     if args.format == "saved_model":
         path = export.export_saved_model(model, args.output, precision=args.precision)
@@ -255,6 +271,14 @@ def _train(args):
         train(args.config, **overrides)
     except ConfigError as error:
         raise UsageError(_train_flag_message(error, overrides, args.config)) from None
+    except KeyboardInterrupt:  # Ctrl-C: the backup of the last finished epoch stands
+        from pspnet_tf.run_folder import finished_epochs
+        from pspnet_tf.train_config import resolve_config
+
+        output = resolve_config(args.config, **overrides)["output"]
+        print(f"pspnet-tf train: interrupted after epoch {finished_epochs(output)}; run the "
+              "same command to resume", file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 
@@ -272,10 +296,11 @@ def _convert(args):
     import os
     import warnings
 
-    from pspnet_tf.files import atomic_path
+    from pspnet_tf.files import KERAS_MODEL, atomic_path, check_output
     from pspnet_tf.network import get_metadata
     from pspnet_tf.weights import convert_checkpoint
 
+    check_output(args.output, KERAS_MODEL)  # before the conversion
     size = args.input_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dropped tensors are printed below
@@ -288,7 +313,7 @@ def _convert(args):
             dataset=args.dataset,
         )
     output = os.path.abspath(args.output)
-    with atomic_path(output) as temporary:
+    with atomic_path(output, KERAS_MODEL) as temporary:
         model.save(temporary)
     meta = get_metadata(model)
     arch, pre = meta["architecture"], meta["architecture"]["preprocessing"]
@@ -329,10 +354,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="pspnet-tf",
         description="PSPNet for Keras 3 / TensorFlow.",
-        epilog="Environment: PSPNET_TF_KERNELS=auto|probe|off|NAME=on|off,... chooses the "
-        "run-time kernels (auto: those that run here and win a timed trial, cached in "
-        "~/.cache/pspnet_tf); TF_ENABLE_ONEDNN_OPTS=0|1 decides oneDNN (pspnet-tf turns "
-        "it on where TensorFlow would leave it off).",
+        epilog="Environment: TF_ENABLE_ONEDNN_OPTS=0|1 turns TensorFlow's oneDNN CPU "
+        "kernels off or on (TensorFlow's default depends on the CPU; see the README's "
+        "performance section); PSPNET_TF_DEBUG=1 shows tracebacks.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument(
@@ -489,10 +513,8 @@ def build_parser():
 
 
 def _log_to_stderr():
-    """The library's INFO lines (oneDNN choice, kernels chosen) as ``pspnet-tf: ...``."""
+    """The library's messages (the ``pspnet_tf`` logger) as ``pspnet-tf: ...`` lines."""
     import logging
-
-    from pspnet_tf import machine
 
     log = logging.getLogger("pspnet_tf")
     if not log.handlers:
@@ -501,8 +523,40 @@ def _log_to_stderr():
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    for note in machine.startup_notes():  # said at import, before this handler existed
-        log.info(note)
+
+
+def _quiet_tensorflow():
+    """Imports TensorFlow with its start-up lines silenced (this process only).
+
+    ``TF_CPP_MIN_LOG_LEVEL`` (unless the user set it) quiets the later ones; the first
+    lines come from C++ before logging is set up, so file descriptor 2 goes to a
+    temporary file while TensorFlow loads (replayed if the import fails).
+    """
+    import tempfile
+
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def console():
+    """The installed ``pspnet-tf`` command: :func:`main` with TensorFlow's start-up quiet."""
+    _quiet_tensorflow()
+    sys.exit(main(sys.argv[1:]))
 
 
 def main(argv=None):

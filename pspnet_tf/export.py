@@ -43,9 +43,8 @@ import tensorflow as tf
 from pspnet_tf import files
 from pspnet_tf.files import OutputKind, atomic_path
 from pspnet_tf.inference import as_predictor
-from pspnet_tf.inference_copy import fold_batch_norm
 from pspnet_tf.network import get_metadata, inference_model, rebuild
-from pspnet_tf.precision import resolve_precision
+from pspnet_tf.precision import precision_copy, resolve_precision
 
 SIGNATURE = "serving_default"
 FORMATS = ("saved_model", "tflite", "onnx")
@@ -181,10 +180,8 @@ def export_saved_model(model, path, precision=None):
         ``path``. Load with ``tf.saved_model.load(path)`` and call
         ``loaded.serving_default(images)`` or ``loaded.signatures["serving_default"]``.
     """
-    # BatchNorm folded: fewer ops, all of them standard, so the graph runs on any machine
-    # (the run-time kernels of pspnet_tf.autotune are for this process only).
     files.check_output(path, OUTPUT_KINDS["saved_model"])  # before the slow part
-    serving = fold_batch_norm(serving_model(model), precision=precision)
+    serving = precision_copy(serving_model(model), precision)
     metadata = _metadata_json(serving, precision=resolve_precision(precision))
     with atomic_path(path, OUTPUT_KINDS["saved_model"]) as temporary:
         _write_archive(serving, temporary, (None, None, None, 3), True, metadata)

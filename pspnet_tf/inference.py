@@ -28,11 +28,11 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from pspnet_tf import autotune
 from pspnet_tf.layers import PREPROCESSING_LAYER
 from pspnet_tf.network import get_metadata, inference_model, rebuild
-from pspnet_tf.precision import resolve_precision
+from pspnet_tf.precision import precision_copy, resolve_precision
 
 MODES = ("single", "sliding", "multiscale")
 # Multi-scale testing of the paper and its reference code.
@@ -57,17 +57,15 @@ class Predictor:
         crop_size: ``(h, w)`` the model was built (trained) for, or None.
         class_names: list of str or None, from the model's metadata.
         palette: list of ``[r, g, b]`` or None, from the model's metadata.
-        fast: bool. Run the copy :func:`pspnet_tf.autotune.for_inference` chooses for
-            this machine (BatchNorm folded, the kernels that run here and win its timed
-            trial at the first batch's shape; same outputs to float32 rounding). False
-            runs the model's own graph. Defaults to True.
+        frozen: bool. Run the model as one graph with its weights as constants
+            (:func:`frozen_function`), which TensorFlow optimises further (BatchNorm
+            folded into the convs); same outputs to float32 rounding. False runs a
+            ``tf.function`` of the model as it is. Defaults to True.
         precision: None (the model's own dtype policies), ``"float32"``,
             ``"bfloat16"``, ``"float16"`` or ``"mixed"`` (bfloat16 on CPUs, float16 on
             GPUs): the compute dtype of the copy that runs
-            (:data:`pspnet_tf.precision.PRECISIONS`). Weights, input normalisation
+            (:func:`pspnet_tf.precision.precision_copy`). Weights, input normalisation
             and logits stay float32.
-        kernels: str or None. ``"auto"``, ``"probe"``, ``"off"`` or ``"NAME=on|off,..."``
-            (see :mod:`pspnet_tf.autotune`); None reads ``PSPNET_TF_KERNELS``.
     """
 
     model: keras.Model
@@ -77,34 +75,55 @@ class Predictor:
     crop_size: tuple | None = None
     class_names: list | None = None
     palette: list | None = None
-    fast: bool = True
+    frozen: bool = True
     precision: str | None = None
-    kernels: str | None = None
     _fn: Callable | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __call__(self, images):
         images = tf.convert_to_tensor(images, tf.float32)
         if self._fn is None:
             shape = (None, *(self.input_size or (None, None)), 3)
-            model, _ = autotune.for_inference(
-                self.model,
-                precision=self.precision,
-                kernels=self.kernels if self.fast else "off",
-                sample_shape=images.shape,
-            )
-            self._fn = tf.function(
-                lambda x: model(x, training=False),
-                input_signature=[tf.TensorSpec(shape, tf.float32)],
-            )
+            model = precision_copy(self.model, self.precision)
+            if self.frozen:
+                self._fn = frozen_function(model, shape)
+            else:
+                spec = [tf.TensorSpec(shape, tf.float32)]
+                self._fn = tf.function(lambda x: model(x, training=False), input_signature=spec)
         return self._fn(images).numpy()
 
 
-def as_predictor(model, fast=True, precision=None, kernels=None):
+def frozen_function(model, input_shape):
+    """``model``'s inference pass as one graph whose weights are constants.
+
+    TensorFlow's graph optimiser then folds what follows from the weights alone
+    (BatchNorm into the conv before it) and oneDNN keeps each conv's prepared kernel
+    between calls. The weights are copied now: later changes to ``model`` do not reach it.
+
+    Args:
+        model: a Keras model with one float32 image input.
+        input_shape: tuple. The input shape it accepts, None for any size of that axis.
+
+    Returns:
+        A function of a float32 tensor returning what ``model(x, training=False)``
+        returns, with the same nesting.
+    """
+    spec = tf.TensorSpec(input_shape, tf.float32)
+    traced = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    frozen = convert_variables_to_constants_v2(traced)
+
+    def run(images):
+        outputs = frozen(images)
+        return tf.nest.pack_sequence_as(traced.structured_outputs, tf.nest.flatten(outputs))
+
+    return run
+
+
+def as_predictor(model, frozen=True, precision=None):
     """Wraps a Keras segmentation model as a :class:`Predictor` (idempotent).
 
-    ``fast``, ``precision``, ``kernels``: see :class:`Predictor` (``fast=False`` runs the
-    model's own graph). A :class:`Predictor` passed in comes back as it is, or as a copy
-    with ``precision`` or ``kernels`` where one is given that differs from its own.
+    ``frozen``, ``precision``: see :class:`Predictor`. A :class:`Predictor` passed in
+    comes back as it is, or as a copy with ``precision`` where one is given that differs
+    from its own.
 
     A PSPNet built for a fixed size is rebuilt for any size with the same bins
     and weights (:func:`pspnet_tf.rebuild`), and its auxiliary head dropped;
@@ -113,12 +132,10 @@ def as_predictor(model, fast=True, precision=None, kernels=None):
     logits (or a dict with ``"main"``) works as it is.
     """
     resolve_precision(precision)  # a bad value fails here, not at the first image
-    if kernels is not None:
-        autotune.parse_choice(kernels)
     if isinstance(model, Predictor):
-        changes = {"precision": precision, "kernels": kernels}
-        changes = {k: v for k, v in changes.items() if v is not None and v != getattr(model, k)}
-        return dataclasses.replace(model, **changes) if changes else model
+        if precision is not None and precision != model.precision:
+            return dataclasses.replace(model, precision=precision)
+        return model
     if isinstance(model.output, dict):
         model = inference_model(model)
     try:
@@ -137,9 +154,8 @@ def as_predictor(model, fast=True, precision=None, kernels=None):
         crop_size=static if is_static else None,
         class_names=metadata.get("class_names"),
         palette=metadata.get("palette"),
-        fast=fast,
+        frozen=frozen,
         precision=precision,
-        kernels=kernels,
     )
 
 

@@ -12,10 +12,6 @@ constructor argument from ``get_config``, so a saved ``.keras`` model loads with
 - :class:`ResizeLike`: bilinear resize of one tensor to the spatial size of
   another (``align_corners=True`` as the original Caffe Interp layer, or
   half-pixel as ``tf.image.resize``).
-- ``DilatedConv2D``, ``DilatedDepthwiseConv2D``, ``MatmulConv2D``, ``FusedBatchNorm``:
-  names that files saved by pspnet_tf 0.1 hold. They load as the standard Keras layer
-  they subclass and compute exactly what it does (the faster kernels those classes
-  once ran are now chosen where the model runs: :mod:`pspnet_tf.autotune`).
 """
 
 from __future__ import annotations
@@ -207,25 +203,3 @@ class ResizeLike(keras.layers.Layer):
         config = super().get_config()
         config.update(align_corners=self.align_corners)
         return config
-
-
-# Class names in .keras files saved by pspnet_tf 0.1, when the fast kernels were wired into
-# the model. Loaded, they are the standard layers (portable: no machine-specific call).
-@keras.saving.register_keras_serializable(package="pspnet_tf")
-class DilatedConv2D(keras.layers.Conv2D):
-    """A ``keras.layers.Conv2D`` (the name files saved by pspnet_tf 0.1 hold)."""
-
-
-@keras.saving.register_keras_serializable(package="pspnet_tf")
-class DilatedDepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """A ``keras.layers.DepthwiseConv2D`` (the name files saved by pspnet_tf 0.1 hold)."""
-
-
-@keras.saving.register_keras_serializable(package="pspnet_tf")
-class MatmulConv2D(keras.layers.Conv2D):
-    """A ``keras.layers.Conv2D`` (the name files saved by pspnet_tf 0.1 hold)."""
-
-
-@keras.saving.register_keras_serializable(package="pspnet_tf")
-class FusedBatchNorm(keras.layers.BatchNormalization):
-    """A ``keras.layers.BatchNormalization`` (the name files saved by pspnet_tf 0.1 hold)."""

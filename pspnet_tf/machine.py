@@ -1,30 +1,21 @@
-"""What machine this is, and the TensorFlow start-up settings chosen for it.
+"""What machine this is, for benchmark tables: the CPU, its ISA features, oneDNN on or off.
 
-Imports only the standard library at module level: :func:`prepare_tensorflow` must run
-before TensorFlow is imported (``pspnet_tf/__init__.py`` calls it first), because
-``TF_ENABLE_ONEDNN_OPTS`` is read once, when TensorFlow loads.
+Reads only; changes nothing. Whether TensorFlow uses oneDNN is TensorFlow's choice (on by
+default only on CPUs with AVX512-VNNI, AVX512-BF16 or AMX) or the user's
+(``TF_ENABLE_ONEDNN_OPTS=0|1``, read once, when TensorFlow loads); the README's
+performance section says when each setting helps.
 
 - :func:`cpu_model`, :func:`isa_features`, :func:`describe`: the CPU and the ISA features
-  that decide which kernels exist (avx2, fma, avx512f, avx512_bf16, amx), for benchmark
-  tables and the kernel trial's cache key.
+  that decide which kernels exist (avx2, fma, avx512f, avx512_bf16, amx).
 - :func:`onednn_enabled`: whether this TensorFlow process runs oneDNN kernels (asked of
   TensorFlow itself, not guessed from the platform).
-- :func:`prepare_tensorflow`: oneDNN on where TensorFlow would leave it off (x86 CPUs
-  without AVX512-VNNI, AVX512-BF16 or AMX), unless the user set ``TF_ENABLE_ONEDNN_OPTS``;
-  for the command line also TensorFlow's start-up log lines silenced.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import os
 import platform
-import sys
-import tempfile
-
-log = logging.getLogger("pspnet_tf")
 
 # The CPU features that decide which kernels TF and oneDNN have here.
 ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -32,9 +23,6 @@ ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf1
 # (tensorflow/core/util/util.cc, IsMKLEnabled); everywhere else on x86 it is off.
 _ONEDNN_BY_DEFAULT = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
-# Why oneDNN is turned on where TF leaves it off (benchmarks/NOTES.md, "oneDNN on AVX2"):
-# on AVX2-only CPUs the training steps of both backbones ran faster with it.
-_ONEDNN_REASON = "faster training steps measured on AVX2-only CPUs"
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,67 +90,3 @@ def describe():
         f"{cpu_model()} ({features}), oneDNN {state}{limit} "
         f"({ONEDNN_VARIABLE}={setting}, TF default {default})"
     )
-
-
-_notes = []
-
-
-def startup_notes():
-    """What :func:`prepare_tensorflow` changed, one line each (for the CLI to print)."""
-    return list(_notes)
-
-
-def running_cli():
-    """Whether this process is the ``pspnet-tf`` command (or ``python -m pspnet_tf``)."""
-    if os.path.basename(sys.argv[0] if sys.argv else "") in ("pspnet-tf", "pspnet-tf.exe"):
-        return True
-    orig = list(getattr(sys, "orig_argv", []))
-    return "-m" in orig and orig[orig.index("-m") + 1 :][:1] in (["pspnet_tf"], ["pspnet_tf.cli"])
-
-
-def prepare_tensorflow():
-    """Start-up settings that TensorFlow reads once; does nothing once it is imported.
-
-    - Where TensorFlow would leave oneDNN off (x86 CPUs without AVX512-VNNI, AVX512-BF16
-      or AMX) and ``TF_ENABLE_ONEDNN_OPTS`` is unset, sets it to 1 and logs one line.
-      Set the variable (0 or 1) to decide yourself.
-    - In the command line, unless ``TF_CPP_MIN_LOG_LEVEL`` is set: TensorFlow's start-up
-      lines (CUDA stub, cpu_feature_guard, oneDNN notice, absl) are silenced.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    if os.environ.get(ONEDNN_VARIABLE) is None and onednn_default() is False:
-        os.environ[ONEDNN_VARIABLE] = "1"
-        note = (
-            f"oneDNN turned on ({ONEDNN_VARIABLE}=1; TensorFlow leaves it off on this CPU; "
-            f"{_ONEDNN_REASON}); set {ONEDNN_VARIABLE}=0 to keep it off"
-        )
-        _notes.append(note)
-        log.info(note)
-    if running_cli() and os.environ.get("TF_CPP_MIN_LOG_LEVEL") is None:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        with _stderr_silenced():
-            import tensorflow  # noqa: F401  (its start-up lines go nowhere)
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """File descriptor 2 into a temporary file for the block; replayed if the block fails.
-
-    TensorFlow writes its first log lines from C++ before absl logging is set up, where
-    ``TF_CPP_MIN_LOG_LEVEL`` does not reach them.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -32,17 +32,18 @@ def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL
 
     Returns:
         ``(num_classes, num_classes)`` int64 tensor; entry ``[t, p]`` counts
-        pixels of true class ``t`` predicted as ``p``.
+        pixels of true class ``t`` predicted as ``p``. Pixels whose label or
+        prediction lies outside ``[0, num_classes)`` are not counted.
     """
     labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
     predictions = tf.reshape(tf.cast(predictions, tf.int64), [-1])
-    valid = tf.not_equal(labels, ignore_label)
-    index = tf.boolean_mask(labels * num_classes + predictions, valid)
-    counts = tf.math.bincount(
-        index,
-        minlength=num_classes * num_classes,
-        maxlength=num_classes * num_classes,
-        dtype=tf.int64,
+    in_range = (labels >= 0) & (labels < num_classes) & (predictions >= 0)
+    valid = in_range & (predictions < num_classes) & tf.not_equal(labels, ignore_label)
+    # A sum over segments, not tf.math.bincount or a boolean mask: XLA compiles it (no
+    # data-dependent shapes), so compile(jit_compile=True) works with these metrics.
+    index = tf.where(valid, labels * num_classes + predictions, 0)
+    counts = tf.math.unsorted_segment_sum(
+        tf.cast(valid, tf.int64), index, num_segments=num_classes * num_classes
     )
     return tf.reshape(counts, (num_classes, num_classes))
 

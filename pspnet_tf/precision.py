@@ -71,3 +71,56 @@ def dtype_policy(precision):
         yield
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def precision_copy(model, precision):
+    """A copy of a functional ``model`` that computes at ``precision`` (mixed precision).
+
+    The input normalisation and the output layers stay float32 (raw pixels must not be
+    rounded; logits keep their range), and so do all weights: only the compute dtype of
+    the other layers changes, as Keras' mixed policies do.
+
+    Args:
+        model: a functional Keras model (e.g. a PSPNet inference model).
+        precision: one of :data:`PRECISIONS`, or None for ``model`` itself.
+
+    Returns:
+        A new ``keras.Model`` with the same inputs, outputs, layer names and weights;
+        ``model`` itself when ``precision`` is None.
+    """
+    import keras
+
+    precision = resolve_precision(precision)
+    if precision is None:
+        return model
+    keep = _float32_layers(model)
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name not in keep:
+            config["dtype"] = keras_policy(precision)
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
+    return copy
+
+
+def _float32_layers(model):
+    """Names of the layers that stay float32 at any precision: inputs, the input
+    normalisation layer and the layers giving the outputs."""
+    from pspnet_tf.layers import Preprocessing
+
+    config = model.get_config()
+    ends = [config["input_layers"], config["output_layers"]]
+
+    def names(value):  # a (nested) list or dict of [layer name, node index, tensor index]
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in names(v)]
+        if value and isinstance(value[0], str):
+            return [value[0]]
+        return [n for v in value for n in names(v)]
+
+    keep = {layer.name for layer in model.layers if isinstance(layer, Preprocessing)}
+    return keep | set(names(ends))

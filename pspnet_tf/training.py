@@ -13,18 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import keras
 import tensorflow as tf
 
-from pspnet_tf import autotune, distributed, run_folder, train_data
+from pspnet_tf import distributed, run_folder, train_data
 from pspnet_tf import losses as losses_lib
 from pspnet_tf import metrics as metrics_lib
 from pspnet_tf.callbacks import make_callbacks
 from pspnet_tf.classes import resolve_classes
-from pspnet_tf.files import KERAS_MODEL, atomic_path
+from pspnet_tf.files import KERAS_MODEL, atomic_path, check_output
 from pspnet_tf.model import build_pspnet
 from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
@@ -57,8 +58,7 @@ def compile_for_training(
     head_lr_multiplier=1.0,
     aux_weight=0.4,
     optimizer="sgd",
-    jit_compile=False,
-    kernels=None,
+    jit_compile="auto",
 ):
     """Compiles ``model`` with the paper's recipe; call it inside the strategy scope.
 
@@ -81,13 +81,10 @@ def compile_for_training(
             ``"adamw"`` (Keras' AdamW, ``weight_decay`` decoupled; ``momentum`` and
             ``head_lr_multiplier`` do not apply), which trains from scratch in far
             fewer steps. Defaults to ``"sgd"``.
-        jit_compile: bool. XLA (fails with MirroredStrategy). Defaults to False.
-        kernels: str or None. The faster training kernels installed on ``model``'s
-            layers in this process where they run and win a timed trial
-            (:func:`pspnet_tf.autotune.for_training`): ``"auto"``, ``"probe"``,
-            ``"off"`` or ``"NAME=on|off,..."``; None reads ``PSPNET_TF_KERNELS``. Same
-            results either way; saved files hold the standard layers. Under XLA
-            (``jit_compile=True``) none are installed: XLA compiles its own.
+        jit_compile: ``"auto"``, True or False. XLA compilation of the training step.
+            ``"auto"`` follows Keras: XLA on a GPU without a distribution strategy, off
+            on CPUs (where it ran no faster in ``benchmarks/speed.py``). True forces it
+            (it fails under MirroredStrategy). Defaults to ``"auto"``.
 
     Returns:
         ``model``, compiled, with its optimizer built for every trainable variable
@@ -118,7 +115,6 @@ def compile_for_training(
     else:
         model.compile(optimizer=optimizer, loss=make(), metrics=metrics, jit_compile=jit_compile)
     model.optimizer.build(model.trainable_variables)
-    autotune.for_training(model, kernels="off" if jit_compile else kernels)
     return model
 
 
@@ -212,6 +208,13 @@ def train(config=None, *, train_dataset=None, val_dataset=None, **overrides):
     # MultiWorkerMirroredStrategy must exist before TensorFlow does any other work.
     strategy = distributed.choose_strategy(config["strategy"])
     chief = distributed.is_chief(strategy)
+    check_output(output, run_folder.RUN_FOLDER)
+    with run_folder.locked(output) if chief else contextlib.nullcontext():
+        return _train(config, output, strategy, chief, scanned, train_dataset, val_dataset)
+
+
+def _train(config, output, strategy, chief, scanned, train_dataset, val_dataset):
+    """:func:`train` after its checks, holding the run folder's lock."""
     run_folder.prepare(output, config, write=chief, resumable_changes=RESUMABLE_CHANGES)
     keras.utils.set_random_seed(int(config["seed"]))
     train_dataset, val_dataset, steps = train_data.datasets(

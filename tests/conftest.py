@@ -1,15 +1,9 @@
 """Shared tiny fixtures and helpers for the test suite."""
 
 import os
-import tempfile  # noqa: E402
 
 # Quiet TF's start-up chatter; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Kernel trials of this run (pspnet_tf.autotune) go to a fresh cache, not the user's.
-os.environ.setdefault("PSPNET_TF_CACHE_DIR", tempfile.mkdtemp(prefix="pspnet_tf_cache_"))
-# Every kernel that runs on this machine, untimed: the suite checks results with all of them
-# (timing them is test_autotune's business, with kernels="auto" given explicitly).
-os.environ.setdefault("PSPNET_TF_KERNELS", "probe")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -12,7 +12,6 @@ from PIL import Image
 
 
 @pytest.mark.slow
-@pytest.mark.quick_demo  # also in CI's second leg, with the other oneDNN setting
 def test_quick_demo_writes_valid_outputs(tmp_path):
     output = tmp_path / "demo"
     command = [sys.executable, "-m", "pspnet_tf", "demo", "--quick", "--quiet", "--output"]

@@ -117,7 +117,7 @@ def test_pspnet_is_rebuilt_for_any_size_and_modes_agree():
     model = randomize_weights(
         build_pspnet(3, "mobilenetv2", (64, 64, 3), alpha=0.35, aux_head=True)
     )
-    predictor = as_predictor(model, fast=False)
+    predictor = as_predictor(model, frozen=False)
     assert predictor.crop_size == (64, 64) and predictor.input_size is None
     np.testing.assert_array_equal(predictor.pad_value, [127.5, 127.5, 127.5])
     image = np.random.default_rng(0).uniform(0, 255, (50, 70, 3)).astype("float32")
@@ -126,7 +126,7 @@ def test_pspnet_is_rebuilt_for_any_size_and_modes_agree():
     static = rebuild(model, input_shape=(50, 70, 3), aux_head=False)
     reference = static(image[None], training=False)[0].numpy()
     np.testing.assert_allclose(single, reference, atol=1e-4 * np.abs(reference).max())
-    # The default (BatchNorm folded, native dilation) equals it to float32 rounding.
+    # The default (a frozen graph: BatchNorm folded by TF) equals it to float32 rounding.
     fast = predict_scores(as_predictor(model), image, "single")
     assert np.abs(fast - single).max() < 1e-4 * np.abs(single).max()
     # One window covering the whole image is the single-scale pass.

@@ -117,3 +117,19 @@ def test_metrics_in_a_compiled_model_and_config_round_trip(batches):
 def test_sample_weight_is_refused():
     with pytest.raises(ValueError, match="sample_weight"):
         metrics.MeanIoU(2).update_state([[0]], [[0]], sample_weight=[[1.0]])
+
+
+def test_confusion_matrix_compiles_under_xla_and_counts_as_numpy(batches):
+    import tensorflow as tf
+
+    labels, predictions = _all(batches)
+    labels[0, 0, :3] = [7, -1, 5]  # out of range: not counted, as ignored pixels
+    compiled = tf.function(
+        lambda y, p: metrics.confusion_matrix(y, p, NUM_CLASSES), jit_compile=True
+    )
+    got = compiled(labels, predictions).numpy()
+    expected = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    valid = (labels >= 0) & (labels < NUM_CLASSES)
+    np.add.at(expected, (labels[valid], predictions[valid]), 1)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(metrics.confusion_matrix(labels, predictions, NUM_CLASSES), got)
