@@ -224,14 +224,15 @@ def remove_stale_temporaries(directory, stem=None):
         match = _TEMPORARY.match(name)
         if stem is not None and not name.startswith(f".{stem}.tmp"):
             continue
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             path = os.path.join(directory, name)
             _remove(path)
             removed.append(path)
     return removed
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether process ``pid`` exists (True where it cannot be told: left alone)."""
     if pid == os.getpid():
         return True
     try:

@@ -17,6 +17,7 @@ Messages about repairs are printed (stdout, with the epoch lines); refusals are
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,6 +34,7 @@ from pspnet_tf.files import (
     atomic_path,
     check_output,
     folder_kind,
+    process_alive,
     remove_stale_temporaries,
     write_json,
     write_text,
@@ -41,8 +43,9 @@ from pspnet_tf.files import (
 BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.yaml"
-# A run folder is empty or holds the config.yaml that prepare() writes first.
-RUN_FOLDER = folder_kind("a run folder (it has no config.yaml)", CONFIG_FILE)
+LOCK_FILE = ".lock"  # the pid of the train writing into the folder
+# A run folder is empty or holds the lock or the config.yaml that train writes first.
+RUN_FOLDER = folder_kind("a run folder (it has no config.yaml)", CONFIG_FILE, LOCK_FILE)
 WEIGHTS_FILE = "latest.weights.h5"  # Keras' BackupAndRestore names, kept for tools reading them
 METADATA_FILE = "training_metadata.json"
 # Stored inside each backup, so that its weights and its epoch cannot disagree.
@@ -60,6 +63,58 @@ def start_again(output):
         f"to start the run again, delete the folder (rm -r {shlex.quote(os.fspath(output))}) and "
         "rerun the same command, or give another --output"
     )
+
+
+class RunFolderBusy(OSError):
+    """Another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def locked(output):
+    """Holds ``output/.lock`` (this process's pid) for the block.
+
+    A second ``train`` into the same folder while the first runs would train the same
+    epochs over the same files; it is refused instead. A lock whose process is gone (a
+    killed run) is taken over.
+
+    Raises:
+        RunFolderBusy: a live process holds the lock; the message names its pid.
+    """
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, LOCK_FILE)
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and owner != os.getpid() and process_alive(owner):
+                raise RunFolderBusy(
+                    f"{output}: another pspnet-tf train (pid {owner}) is writing to this run "
+                    "folder; wait for it to finish, or stop it and rerun"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # its process is gone
+    with os.fdopen(descriptor, "w") as file:
+        file.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        if _lock_owner(path) == os.getpid():
+            os.remove(path)
+
+
+def _lock_owner(path):
+    try:
+        with open(path) as file:
+            return int(file.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def finished_epochs(output):
+    """The epochs the run in ``output`` has finished, by its backup (0: none)."""
+    return _recorded_epoch(os.path.join(output, BACKUP_DIR, METADATA_FILE))
 
 
 def has_finished_epoch(output):

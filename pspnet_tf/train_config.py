@@ -8,6 +8,7 @@ and checks each value against :data:`RULES` before anything is built or written,
 
 from __future__ import annotations
 
+import math
 import os
 
 import yaml
@@ -79,7 +80,7 @@ DEFAULTS = {
     "precision": "float32",  # float32 | bfloat16 | float16 | mixed (bf16 on CPU, fp16 on GPU)
     "strategy": "auto",  # auto | none | mirrored | multi_worker
     "sync_batchnorm": False,
-    "jit_compile": False,
+    "jit_compile": "auto",  # auto (Keras: XLA on GPUs, not on CPUs) | true | false
     "seed": 0,
     "output": None,  # required: the run's folder
     "verbose": "auto",
@@ -139,6 +140,16 @@ def _one_of(choices):
     return lambda value: value in choices
 
 
+def _class_weights(value):
+    """Checked against num_classes in :func:`_check_relations` (it needs two keys)."""
+    if value is None:
+        return True
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return numbers and all(math.isfinite(v) and v >= 0 for v in value) and any(value)
+
+
 def _precision(value):
     try:
         resolve_precision(value, allow_none=False)  # also the former names, with a warning
@@ -167,6 +178,9 @@ RULES = {
     "precision": (_precision, f"one of {list(PRECISIONS)}"),
     "strategy": (_one_of(distributed.STRATEGIES), f"one of {list(distributed.STRATEGIES)}"),
     "bad_files": (_one_of(train_data.BAD_FILES), f"one of {list(train_data.BAD_FILES)}"),
+    "jit_compile": (lambda v: v in ("auto", True, False), "auto, true or false"),
+    "class_weights": (_class_weights, "null or a list of numbers >= 0, one per class, "
+                      "not all 0 (all 0 would train nothing: the loss is always 0)"),
 }  # fmt: skip
 
 
@@ -192,11 +206,39 @@ def resolve_config(config=None, **overrides):
     for key, (check, what) in RULES.items():
         if not check(resolved[key]):
             raise ConfigError(f"{key} must be {what}, got {resolved[key]!r}", key=key)
+    _check_relations(resolved)
     try:
         losses_lib.make_loss(resolved["loss"])  # fails early, naming the choices
     except ValueError as error:
         raise ConfigError(str(error), key="loss") from None
     return resolved
+
+
+def _check_relations(config):
+    """The checks that read two keys, or the machine."""
+    weights, classes = config["class_weights"], config["num_classes"]
+    if weights is not None and len(weights) != classes:
+        raise ConfigError(f"class_weights must have num_classes = {classes} values, got "
+                          f"{len(weights)}", key="class_weights")  # fmt: skip
+    if config["freeze_backbone_epochs"] > config["epochs"]:
+        raise ConfigError(
+            f"freeze_backbone_epochs must be at most epochs = {config['epochs']} (the "
+            f"backbone would stay frozen for the whole run), got "
+            f"{config['freeze_backbone_epochs']}",
+            key="freeze_backbone_epochs",
+        )
+    if config["precision"] == "float16" and not _has_gpu():
+        raise ConfigError(
+            "precision float16 needs a GPU (none here): on a CPU loss scaling skips every "
+            "step; use bfloat16 or float32",
+            key="precision",
+        )
+
+
+def _has_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 def check_data_folder(config):

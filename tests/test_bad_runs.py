@@ -18,6 +18,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import yaml
 from PIL import Image
 
@@ -101,12 +102,19 @@ FLAG_CASES = {
     ),
     "steps 0": (["--steps-per-epoch", "0"], "--steps-per-epoch must be null or an integer"),
     "missing data folder": (["--data", "/no/such/data"], "'/no/such/data': no such folder"),
+    "backbone frozen longer than the run": (
+        ["--freeze-backbone-epochs", "3"],
+        "--freeze-backbone-epochs must be at most epochs = 2",
+    ),
+    "float16 on a CPU": (["--precision", "float16"], "--precision float16 needs a GPU"),
 }
 
 
 @pytest.mark.parametrize("case", FLAG_CASES)
 def test_bad_flag_values_exit_2_naming_the_flag_before_writing(case, clean_data, tmp_path, capsys):
     extra, message = FLAG_CASES[case]
+    if "float16" in extra and tf.config.list_physical_devices("GPU"):
+        pytest.skip("float16 trains on a GPU")
     output = tmp_path / "run"
     code, _, error = run(train_args(clean_data, output, *extra), capsys)
     assert code == 2 and message in error, error
@@ -119,6 +127,12 @@ CONFIG_CASES = {
     "invalid YAML": ("epochs: [1, 2\n", "not valid YAML/JSON"),
     "not a mapping": ("- 1\n- 2\n", "must be a mapping"),
     "bad bad_files": ("bad_files: ignore\n", "bad_files must be one of ['refuse', 'skip']"),
+    "class weights all 0": ("class_weights: [0, 0, 0, 0, 0, 0]\n", "class_weights must be null"),
+    "class weights text": ("class_weights: abc\n", "class_weights must be null or a list"),
+    "class weights negative": ("class_weights: [1, -1, 1, 1, 1, 1]\n", "numbers >= 0"),
+    "class weights NaN": ("class_weights: [1, .nan, 1, 1, 1, 1]\n", "got [1, nan"),
+    "class weights too few": ("class_weights: [1, 2]\n", "num_classes = 6 values, got 2"),
+    "jit_compile maybe": ("jit_compile: maybe\n", "jit_compile must be auto, true or false"),
 }
 
 
@@ -475,3 +489,69 @@ def test_history_log_drops_rows_of_epochs_run_again(tmp_path, capsys):
         ["epoch", "loss", "val_loss"], ["0", "1.0", "1"], ["1", "0.9", "1"], ["2", "0.7", "0.5"]
     ]  # fmt: skip
     assert "dropped the rows of epoch 3, 4, which run again" in capsys.readouterr().out
+
+
+def test_ctrl_c_says_one_line_and_the_same_command_resumes(clean_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    argv = train_args(clean_data, output)
+    saved = run_folder.Backup.on_epoch_end
+
+    def interrupt_after_the_first_backup(self, epoch, logs=None):
+        saved(self, epoch, logs)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+
+    run_folder.Backup.on_epoch_end = interrupt_after_the_first_backup
+    try:
+        capsys.readouterr()
+        code = cli.main([str(a) for a in argv])
+    finally:
+        run_folder.Backup.on_epoch_end = saved
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "pspnet-tf train: interrupted after epoch 1; run the same command to resume"
+    )
+    assert not (output / run_folder.LOCK_FILE).exists()
+    code, out, error = run(argv, capsys)
+    assert code == 0, error
+    assert history_epochs(output) == [0, 1]
+    assert optimizer_steps(output) == EPOCHS * STEPS
+
+
+def test_a_second_train_into_a_busy_run_folder_is_refused(clean_data, tmp_path, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (output / run_folder.LOCK_FILE).write_text(str(other.pid))
+        code, _, error = run(train_args(clean_data, output), capsys)
+        assert code == 1, error
+        assert error == (
+            f"pspnet-tf train: error: {output}: another pspnet-tf train (pid {other.pid}) is "
+            "writing to this run folder; wait for it to finish, or stop it and rerun"
+        )
+        assert os.listdir(output) == [run_folder.LOCK_FILE]  # nothing else written
+    finally:
+        other.kill()
+        other.wait()
+    # Its process gone, the lock is stale: the same command takes it over and runs.
+    code, _, error = run(train_args(clean_data, output), capsys)
+    assert code == 0, error
+    assert history_epochs(output) == [0, 1] and not (output / run_folder.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "a folder of other things"])
+def test_train_output_that_is_not_a_run_folder_is_refused(where, clean_data, tmp_path, capsys):
+    output = tmp_path / "out"
+    if where == "a file":
+        output.write_text("mine")
+    else:
+        output.mkdir()
+        (output / "notes.txt").write_text("mine")
+    code, _, error = run(train_args(clean_data, output), capsys)
+    assert code == 1 and f"{output}: exists ({where.replace(' of other things', '')}" in error
+    assert "is not a run folder (it has no config.yaml)" in error
+    assert (output.read_text() if where == "a file" else os.listdir(output)) in (
+        "mine",
+        ["notes.txt"],
+    )
