@@ -54,7 +54,8 @@ class Predictor:
         pad_value: ``(3,)`` float32. The RGB 0-255 pixel the model normalises to
             0 (its mean): padding with it adds no signal.
         input_size: ``(h, w)`` if the model only takes that size, else None.
-        crop_size: ``(h, w)`` the model was built (trained) for, or None.
+        crop_size: ``(h, w)`` the model was built or trained for (the default sliding
+            window), or None.
         class_names: list of str or None, from the model's metadata.
         palette: list of ``[r, g, b]`` or None, from the model's metadata.
         frozen: bool. Run the model as one graph with its weights as constants
@@ -151,12 +152,18 @@ def as_predictor(model, frozen=True, precision=None):
         num_classes=int(model.output_shape[-1]),
         pad_value=_mean_pixel(model),
         input_size=tuple(model.input_shape[1:3]) if None not in model.input_shape[1:3] else None,
-        crop_size=static if is_static else None,
+        crop_size=static if is_static else _trained_crop(metadata),
         class_names=metadata.get("class_names"),
         palette=metadata.get("palette"),
         frozen=frozen,
         precision=precision,
     )
+
+
+def _trained_crop(metadata):
+    """The crop a model saved by :func:`pspnet_tf.train` learned at, or None."""
+    crop = metadata.get("crop_size")
+    return tuple(int(c) for c in crop) if crop else None
 
 
 def _mean_pixel(model):

@@ -7,6 +7,7 @@ this module decides what to build from the caller's arguments and the weights as
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 
@@ -124,6 +125,7 @@ def build_pspnet(
     >>> model.output_shape
     (None, 320, 320, 21)
     """
+    _check_num_classes(num_classes)
     given = {
         "backbone": backbone,
         "output_stride": output_stride,
@@ -276,3 +278,13 @@ def load_pspnet_weights(
         updates["weights_source"] = stored["weights_source"]
     set_metadata(model, **updates)
     return model
+
+
+def _check_num_classes(num_classes):
+    """``num_classes`` as the training config takes it: an integer from 2 to 255."""
+    is_int = isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool)
+    if not is_int or not 2 <= int(num_classes) <= 255:
+        raise ValueError(
+            f"num_classes must be an integer from 2 to 255 (background counts as a class; "
+            f"255 is the ignore label), got {num_classes!r}"
+        )

@@ -336,6 +336,15 @@ def set_metadata(model, **updates):
 
 
 def _preprocessing_layer(model):
+    if not isinstance(model, keras.Model):
+        hint = (
+            ": load it first (keras.models.load_model)"
+            if isinstance(model, (str, os.PathLike))
+            else ""
+        )
+        raise ValueError(
+            f"expected a Keras model built by pspnet_tf, got {type(model).__name__}{hint}"
+        )
     try:
         layer = model.get_layer(PREPROCESSING_LAYER)
     except ValueError:
@@ -367,6 +376,9 @@ def rebuild(model, input_shape=None, aux_head=None):
         A new ``keras.Model`` with copies of ``model``'s weights and metadata.
     """
     metadata = get_metadata(model)
+    if "architecture" not in metadata:
+        raise ValueError(f"model {model.name!r} is not a PSPNet built by build_pspnet (its "
+                         "metadata has no architecture to rebuild from)")  # fmt: skip
     arch = metadata["architecture"]
     if aux_head is None:  # what the given model has (inference_model drops it)
         aux_head = isinstance(model.output, dict) and "aux" in model.output

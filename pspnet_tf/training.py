@@ -27,7 +27,7 @@ from pspnet_tf.callbacks import make_callbacks
 from pspnet_tf.classes import resolve_classes
 from pspnet_tf.files import KERAS_MODEL, atomic_path, check_output
 from pspnet_tf.model import build_pspnet
-from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild
+from pspnet_tf.network import HEAD_PREFIXES, inference_model, rebuild, set_metadata
 from pspnet_tf.optimizers import CoupledDecaySGD, PolyDecay
 from pspnet_tf.precision import dtype_policy
 from pspnet_tf.train_config import (  # noqa: F401  (the config's API, also here)
@@ -234,6 +234,8 @@ def _train(config, output, strategy, chief, scanned, train_dataset, val_dataset)
     )
     if chief:
         serving = rebuild(inference_model(model), input_shape=(None, None, 3), aux_head=False)
+        # The crop it learned at: evaluate --mode sliding's default window.
+        set_metadata(serving, crop_size=[config["crop_size"]] * 2)
         with atomic_path(os.path.join(output, "model.keras"), KERAS_MODEL) as temporary:
             serving.save(temporary)
     return model, history
