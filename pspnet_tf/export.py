@@ -177,8 +177,11 @@ def export_saved_model(model, path, precision=None):
             (AVX512-BF16, AMX) and slow where they are emulated.
 
     Returns:
-        ``path``. Load with ``tf.saved_model.load(path)`` and call
-        ``loaded.serving_default(images)`` or ``loaded.signatures["serving_default"]``.
+        ``path``. Load with :func:`load_saved_model` (it refuses anything but uint8), or
+        with ``tf.saved_model.load(path)`` and call ``loaded.serving_default(images)``
+        with **uint8** images: a numpy array of another dtype is cast to uint8 by
+        TensorFlow before the graph runs, silently (0.5 -> 0, 300 -> 44, -1 -> 255), so
+        convert first: ``np.clip(images, 0, 255).astype(np.uint8)``.
     """
     files.check_output(path, OUTPUT_KINDS["saved_model"])  # before the slow part
     serving = precision_copy(serving_model(model), precision)

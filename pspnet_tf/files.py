@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -134,6 +135,8 @@ def check_output(path, kind=ANY_FILE):
         parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
     if parent and not os.path.isdir(parent):
         raise OutputExistsError(f"{path}: cannot be written, {parent} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: cannot be written, {parent} is read-only")
     if not os.path.lexists(path) or kind.recognise(path):
         return
     if os.path.isdir(path):
@@ -178,7 +181,12 @@ def atomic_path(path, kind=ANY_FILE):
     temporary = os.path.join(directory, f".{stem}.tmp{os.getpid()}{suffix}")
     aside = os.path.join(directory, f".{stem}.tmp{os.getpid()}.old")
     try:
-        yield temporary
+        try:
+            yield temporary
+        except Exception as error:
+            if _disk_full(error):  # h5py, TensorFlow and the OS each say it their own way
+                raise no_space(path) from error
+            raise
         check_output(path, kind)  # the writer may have taken long: look again
         if os.path.isdir(path) and not os.path.islink(path):
             os.replace(path, aside)  # the old folder stays whole until the new one is in
@@ -186,6 +194,33 @@ def atomic_path(path, kind=ANY_FILE):
     finally:
         _remove(temporary)
         _remove(aside)
+
+
+def _disk_full(error):
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+
+
+def _existing_folder(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return directory
+
+
+def free_bytes(path):
+    """Free bytes on the device a file at ``path`` would be written to."""
+    return shutil.disk_usage(_existing_folder(path)).free
+
+
+def no_space(path, needed=None):
+    """The one-line OSError (ENOSPC) for a write to ``path`` that did not fit."""
+    directory = _existing_folder(path)
+    free = shutil.disk_usage(directory).free / 2**20
+    need = f"needs about {needed / 2**20:.0f} MB, " if needed else ""
+    error = OSError(f"{path}: no space left on the device ({need}{free:.0f} MB free in "
+                    f"{directory}); free some space and run the same command again")  # fmt: skip
+    error.errno = errno.ENOSPC
+    return error
 
 
 def _split_suffix(name):

@@ -376,7 +376,7 @@ def rebuild(model, input_shape=None, aux_head=None):
         A new ``keras.Model`` with copies of ``model``'s weights and metadata.
     """
     metadata = get_metadata(model)
-    if "architecture" not in metadata:
+    if not metadata.get("architecture"):
         raise ValueError(f"model {model.name!r} is not a PSPNet built by build_pspnet (its "
                          "metadata has no architecture to rebuild from)")  # fmt: skip
     arch = metadata["architecture"]

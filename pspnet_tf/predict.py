@@ -207,6 +207,17 @@ def list_images(folder):
     ]
 
 
+def _warn_about_other_files(folder, images):
+    """Names each visible file of an input folder that is not read as an image."""
+    taken = set(images)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or path in taken or not os.path.isfile(path):
+            continue
+        why = "a video: give it alone as --input" if is_video(path) else "not an image type read"
+        log.warning("skipped %s (%s; images are %s)", path, why, " ".join(IMAGE_EXTENSIONS))
+
+
 def is_video(source):
     """Whether ``source`` is a video file, by its extension."""
     return os.path.splitext(os.fspath(source))[1].lower() in VIDEO_EXTENSIONS
@@ -233,6 +244,7 @@ def image_paths(sources):
         extension = os.path.splitext(source)[1].lower()
         if os.path.isdir(source):
             found = list_images(source)
+            _warn_about_other_files(source, found)
             if not found:
                 raise ValueError(f"input folder {source!r} holds no images ({IMAGE_EXTENSIONS})")
             paths += found

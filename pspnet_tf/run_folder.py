@@ -21,6 +21,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -34,6 +35,8 @@ from pspnet_tf.files import (
     atomic_path,
     check_output,
     folder_kind,
+    free_bytes,
+    no_space,
     process_alive,
     remove_stale_temporaries,
     write_json,
@@ -238,7 +241,15 @@ class Backup(keras.callbacks.BackupAndRestore):
         self.save(epoch + 1)
 
     def save(self, epoch):
-        """Writes the model's weights and optimizer state as the backup after ``epoch`` epochs."""
+        """Writes the model's weights and optimizer state as the backup after ``epoch`` epochs.
+
+        Raises:
+            OSError: (ENOSPC) the disk has no room for it, checked first: h5py crashed the
+                process (a segmentation fault) on a full disk. The previous backup stays.
+        """
+        needed = self._backup_bytes()
+        if free_bytes(self._weights_path) < needed:
+            raise no_space(self._weights_path, needed)
         with atomic_path(self._weights_path) as temporary:
             self.model.save_weights(temporary)
             with h5py.File(temporary, "a") as file:
@@ -246,6 +257,16 @@ class Backup(keras.callbacks.BackupAndRestore):
             if os.path.exists(self._weights_path):
                 os.replace(self._weights_path, self._prev_weights_path)
         write_json(self._training_metadata_path, {"epoch": int(epoch), "batch": 0})
+
+    def _backup_bytes(self):
+        """About what a backup takes: the last one's size, else the variables' bytes (the
+        weights and the optimizer's slots), with a margin for HDF5's own records."""
+        if os.path.isfile(self._weights_path):
+            size = os.path.getsize(self._weights_path)
+        else:
+            variables = self.model.weights + list(getattr(self.model.optimizer, "variables", []))
+            size = sum(4 * math.prod(v.shape) for v in variables)  # float32
+        return int(size * 1.1) + 2**20
 
     def restore(self):
         """Loads the newest readable backup into the model.

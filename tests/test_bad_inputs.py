@@ -435,6 +435,14 @@ CASES = {
         1,
         ("pspnet-tf predict: error: input given twice: {tmp}/photos/a.jpg",),
     ),
+    "evaluate --num-classes other than the model's": Case(
+        lambda tmp, model, rng: _evaluate(tmp, model, rng, "--num-classes", "10", breaker=None),
+        2,
+        (
+            "pspnet-tf evaluate: error: --num-classes 10 does not match the model, which gives 3 "
+            "classes",
+        ),  # fmt: skip
+    ),
     "export --input-size 0": Case(
         lambda tmp, model, rng: _tflite_export(tmp, "--input-size", "0"),
         2,
@@ -555,3 +563,17 @@ def test_a_previous_export_is_replaced_whole(model_file, tmp_path, capsys):
     image = np.random.default_rng(1).integers(0, 256, (1, *SIZE, 3)).astype("uint8")
     labels = load_saved_model(target)(image)["labels"].numpy()
     np.testing.assert_array_equal(labels[0], numpy_labels(image[0]))
+
+
+def test_other_files_in_an_input_folder_are_each_named(model_file, tmp_path, capsys):
+    folder = _photos(tmp_path, np.random.default_rng(0))
+    frames = [Image.new("RGB", SIZE[::-1], c) for c in ("red", "blue")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    (folder / "clip.mp4").write_bytes(b"")
+    _run(_predict(tmp_path, model_file))
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if "anim" in line or "clip" in line
+    ]
+    assert lines[0].startswith(f"pspnet-tf: skipped {folder}/anim.gif (not an image type read;")
+    assert lines[1].startswith(f"pspnet-tf: skipped {folder}/clip.mp4 (a video: give it alone")
+    assert len(lines) == 2

@@ -555,3 +555,23 @@ def test_train_output_that_is_not_a_run_folder_is_refused(where, clean_data, tmp
         "mine",
         ["notes.txt"],
     )
+
+
+def test_a_full_disk_before_a_backup_is_one_line_and_the_run_resumes(
+    clean_data, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "run"
+    argv = train_args(clean_data, output)
+    real = shutil.disk_usage
+    free = {"bytes": 2**20}  # 1 MB: less than the first backup needs
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free["bytes"]))
+    code, _, error = run(argv, capsys)
+    backup = output / "backup" / run_folder.WEIGHTS_FILE
+    assert code == 1 and error.startswith(f"pspnet-tf train: error: {backup}: no space left on")
+    assert "needs about" in error and "1 MB free" in error, error
+    assert not backup.exists() and not hidden_temporaries(output)
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    code, _, error = run(argv, capsys)
+    assert code == 0, error
+    assert history_epochs(output) == [0, 1]

@@ -141,3 +141,24 @@ def test_keras_weights_temporaries_keep_their_suffix_and_are_cleaned(tmp_path):
             f.write("weights")
     assert (tmp_path / "latest.weights.h5").read_text() == "weights"
     assert remove_stale_temporaries(tmp_path) == [str(stale)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"), RuntimeError("Unable to write: No space left")],
+    ids=["errno", "library text"],
+)
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path, error):
+    target = tmp_path / "model.keras"
+    with pytest.raises(OSError, match=r"model.keras: no space left on the device \(\d+ MB free"):
+        with atomic_path(target) as temporary:
+            open(temporary, "w").write("half")
+            raise error
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_read_only_folder_is_named(tmp_path, monkeypatch):
+    # Root may write anywhere, so the permission check itself is what is exercised.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=f"{tmp_path}/out/m.tflite: cannot be written, "):
+        check_output(tmp_path / "out" / "m.tflite")

@@ -243,3 +243,23 @@ def test_bad_arguments_are_named():
         build_pspnet(3, "mobilenetv2", (64, 64, 3), alpha=0.0)
     with pytest.raises(FileNotFoundError, match="nope.keras"):
         build_pspnet(3, "mobilenetv2", (64, 64, 3), weights="nope.keras")
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, 256, 2.5, "21", True, None])
+def test_num_classes_outside_2_to_255_is_named(num_classes):
+    with pytest.raises(
+        ValueError, match=f"num_classes must be an integer from 2 to 255.*got {num_classes!r}"
+    ):
+        build_pspnet(num_classes, "mobilenetv2", (32, 32, 3), alpha=0.35)
+
+
+def test_rebuild_of_a_path_or_another_model_says_what_it_needs(tmp_path):
+    with pytest.raises(ValueError, match="got PosixPath: load it first"):
+        rebuild(tmp_path / "m.keras")
+    plain = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 1)], name="plain")
+    with pytest.raises(ValueError, match="model 'plain' has no pspnet_tf Preprocessing layer"):
+        rebuild(plain)
+    model = build_pspnet(3, "mobilenetv2", (32, 32, 3), alpha=0.35)
+    set_metadata(model, architecture=None)
+    with pytest.raises(ValueError, match="is not a PSPNet built by build_pspnet"):
+        rebuild(model)

@@ -104,6 +104,13 @@ def test_cli_run_learns_and_writes_an_any_size_model(resumed_run):
     assert model.input_shape == (None, None, None, 3)
     assert get_metadata(model)["class_names"] == list(DEMO_CLASSES)
     assert model(np.zeros((1, 48, 80, 3), "float32")).shape == (1, 48, 80, 6)
+    # The crop it trained at is the default window of evaluate --mode sliding.
+    from pspnet_tf import as_predictor
+    from pspnet_tf.inference import predict_scores
+
+    assert as_predictor(model).crop_size == (64, 64)
+    image = np.random.default_rng(0).uniform(0, 255, (70, 90, 3)).astype("float32")
+    assert predict_scores(as_predictor(model), image, "sliding").shape == (70, 90, 6)
     for name in ("best.keras", "last.keras"):
         assert (output / "checkpoints" / name).is_file()
 
