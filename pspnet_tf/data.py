@@ -341,6 +341,13 @@ def _check_pair(image_path, label_path, lut, num_classes):
     except UnreadableImage as error:
         problems.append(f"{image_path}: unreadable or truncated image ({error.reason})")
         image_size = None
+    with open(image_path, "rb") as file:  # what the tf.data pipeline decodes, by content
+        head = file.read(8)
+    if image_size is not None and not head.startswith(IMAGE_MAGIC):
+        problems.append(
+            f"{image_path}: not a JPEG, PNG, BMP or GIF file (training decodes only those; "
+            "convert it)"
+        )
     try:
         with open(label_path, "rb") as file:
             label = lut[read_label(file.read(), label_path)]
@@ -429,4 +436,6 @@ def short_reason(problems):
     for reason in REASONS:
         if f"image ({reason})" in text:
             return reason
+    if "not a JPEG, PNG, BMP or GIF" in text:
+        return "a format training does not read"
     return "file missing" if "file missing" in text else "bad label"

@@ -120,6 +120,12 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def _as_webp_and_tiff(p1):
+    Image.open(p1).convert("RGB").save(p1, format="WEBP")
+    p2 = p1.with_name("p2.jpg")
+    Image.open(p2).convert("RGB").save(p2, format="TIFF")
+
+
 def _sixteen_bit(tmp, rng):
     folder = tmp / "photos"
     folder.mkdir()
@@ -310,6 +316,25 @@ CASES = {
         out=(
             "{tmp}/voc/JPEGImages/p1.jpg: unreadable or truncated image (empty file)",
             "checked 4 image/label pairs (val): 1 problems",
+        ),
+    ),
+    "check-data names every WebP or TIFF named .jpg": Case(
+        lambda tmp, model, rng: [
+            "check-data",
+            "--data",
+            str(_voc(tmp, rng, _as_webp_and_tiff)),
+            "--layout",
+            "voc",
+            "--num-classes",
+            "3",
+            "--split",
+            "val",
+        ],  # fmt: skip
+        1,
+        out=(
+            "{tmp}/voc/JPEGImages/p1.jpg: not a JPEG, PNG, BMP or GIF file (training decodes",
+            "{tmp}/voc/JPEGImages/p2.jpg: not a JPEG, PNG, BMP or GIF file (training decodes",
+            "checked 4 image/label pairs (val): 2 problems",
         ),
     ),
     "evaluate skips a truncated image": Case(

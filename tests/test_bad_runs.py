@@ -183,6 +183,10 @@ DATA_CASES = {  # what to do to train_00001 (or the split), the message
     "unreadable image": (lambda i, lb, d: open(i, "wb").write(b"not an image"), "jpg: unreadable"),
     "corrupt JPEG body": (lambda i, lb, d: _corrupt_jpeg_body(i), "jpg: unreadable or truncated"),
     "0-byte image": (lambda i, lb, d: open(i, "wb").close(), "jpg: unreadable"),
+    "WebP named .jpg": (
+        lambda i, lb, d: Image.open(i).convert("RGB").save(i, format="WEBP"),
+        "jpg: not a JPEG, PNG, BMP or GIF file (training decodes only those",
+    ),
     "size mismatch": (lambda i, lb, d: _write_png(lb, np.zeros((16, 16))), "png: label size 16x16"),
     "label out of range": (lambda i, lb, d: _write_png(lb, np.full((32, 32), 9)), "values >= num"),
     "RGB label": (
