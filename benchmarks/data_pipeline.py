@@ -23,7 +23,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pspnet_tf import build_pspnet  # noqa: E402
-from pspnet_tf.data import load_dataset, make_demo_dataset  # noqa: E402
+from pspnet_tf.data.demo import make_demo_dataset
+from pspnet_tf.data.pipeline import load_dataset
 
 NUM_CLASSES = 21
 

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pspnet_tf import build_pspnet  # noqa: E402
-from pspnet_tf.export import (  # noqa: E402
+from pspnet_tf.infer.export import (  # noqa: E402
     export_onnx,
     export_saved_model,
     export_tflite,

@@ -21,7 +21,8 @@ import numpy as np
 
 def agreement(model, dataset, precision, modes, max_images=None):
     """``{mode: {"agreement", "miou_float32", "miou_<precision>", "seconds_..."}}``."""
-    from pspnet_tf.inference import as_predictor, predict_scores
+    from pspnet_tf.infer.modes import predict_scores
+    from pspnet_tf.infer.predictor import as_predictor
     from pspnet_tf.metrics import confusion_matrix, scores_from_confusion
 
     predictors = {
@@ -69,7 +70,7 @@ def main(argv=None):
     import keras
 
     import pspnet_tf  # noqa: F401  (registers the custom layers)
-    from pspnet_tf.data import load_dataset
+    from pspnet_tf.data.pipeline import load_dataset
 
     model = keras.models.load_model(args.model, compile=False)
     num_classes = model.output_shape["main"][-1] if isinstance(model.output, dict) else None

@@ -4,7 +4,7 @@ Usage: python benchmarks/predict_memory.py [--images 200] [--same-size] [--folde
 
 Writes ``--images`` random JPEGs of 20-90 px a side (or all 64x64 with ``--same-size``),
 predicts them with a tiny PSPNet (MobileNetV2 alpha 0.35, 3 classes, any input size)
-through :func:`pspnet_tf.predict.predict_files` with every output, and prints VmRSS after
+through :func:`pspnet_tf.infer.predict.predict_files` with every output, and prints VmRSS after
 the first 20 images and every 45 after, the number of traces of the prediction function,
 and any tf.function retracing warning. Set ``TF_ENABLE_ONEDNN_OPTS=0|1`` to compare.
 """
@@ -55,8 +55,8 @@ def main(argv=None):
     logging.getLogger("tensorflow").addHandler(handler)
 
     from pspnet_tf import build_pspnet
-    from pspnet_tf.inference import as_predictor
-    from pspnet_tf.predict import predict_files
+    from pspnet_tf.infer.predict import predict_files
+    from pspnet_tf.infer.predictor import as_predictor
 
     paths = write_images(os.path.join(folder, "in"), args.images, args.same_size)
     model = build_pspnet(3, backbone="mobilenetv2", alpha=0.35, input_shape=(None, None, 3))

@@ -28,8 +28,9 @@ def measure(args):
     import keras
 
     from pspnet_tf import build_pspnet
-    from pspnet_tf.data import DEMO_CLASSES, load_dataset, make_demo_dataset
-    from pspnet_tf.training import compile_for_training
+    from pspnet_tf.data.demo import DEMO_CLASSES, make_demo_dataset
+    from pspnet_tf.data.pipeline import load_dataset
+    from pspnet_tf.training.recipe import compile_for_training
 
     root = make_demo_dataset(
         args.data, num_train=args.num_train, num_val=8, size=args.crop_size, seed=0

@@ -18,24 +18,29 @@ __version__ = "0.1.0"
 
 # Public name -> the module that holds it.
 _API = {
-    "build_pspnet": "pspnet_tf.model",
-    "get_metadata": "pspnet_tf.network",
-    "inference_model": "pspnet_tf.network",
-    "rebuild": "pspnet_tf.network",
-    "set_metadata": "pspnet_tf.network",
-    "load_dataset": "pspnet_tf.data",
-    "compile_for_training": "pspnet_tf.training",
-    "train": "pspnet_tf.training",
-    "evaluate": "pspnet_tf.evaluation",
-    "Predictor": "pspnet_tf.inference",
-    "as_predictor": "pspnet_tf.inference",
-    "predict_image": "pspnet_tf.predict",
-    "predict_path": "pspnet_tf.predict",
-    "export_saved_model": "pspnet_tf.export",
-    "export_tflite": "pspnet_tf.export",
-    "export_onnx": "pspnet_tf.export",
-    "load_saved_model": "pspnet_tf.export",
+    "build_pspnet": "pspnet_tf.model.build",
+    "get_metadata": "pspnet_tf.model.network",
+    "inference_model": "pspnet_tf.model.network",
+    "rebuild": "pspnet_tf.model.network",
+    "set_metadata": "pspnet_tf.model.network",
+    "load_dataset": "pspnet_tf.data.pipeline",
+    "compile_for_training": "pspnet_tf.training.recipe",
+    "train": "pspnet_tf.training.recipe",
+    "evaluate": "pspnet_tf.infer.evaluation",
+    "Predictor": "pspnet_tf.infer.predictor",
+    "as_predictor": "pspnet_tf.infer.predictor",
+    "predict_image": "pspnet_tf.infer.predict",
+    "predict_path": "pspnet_tf.infer.predict",
+    "export_saved_model": "pspnet_tf.infer.export",
+    "export_tflite": "pspnet_tf.infer.export",
+    "export_onnx": "pspnet_tf.infer.export",
+    "load_saved_model": "pspnet_tf.infer.export",
     "run_demo": "pspnet_tf.demo",
+    "make_demo_dataset": "pspnet_tf.data.demo",
+    "DEMO_CLASSES": "pspnet_tf.data.demo",
+    "make_loss": "pspnet_tf.losses",
+    "MeanIoU": "pspnet_tf.metrics",
+    "PixelAccuracy": "pspnet_tf.metrics",
 }
 
 __all__ = ["__version__", *_API]
@@ -64,4 +69,4 @@ def _is_command_line():
 # The command line imports TensorFlow only for the commands that need it (not --help or
 # --version), quietly; it registers the layers itself where it loads a model.
 if not _is_command_line():
-    from pspnet_tf import layers  # noqa: F401  (registers the custom layers for load_model)
+    from pspnet_tf.model import layers  # noqa: F401  (registers the custom layers)

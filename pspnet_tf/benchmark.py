@@ -66,7 +66,7 @@ def timed(fn):
 
 
 # How a case's step runs. "default" is what the package runs on this machine: prediction
-# and evaluation a frozen graph (pspnet_tf.inference.frozen_function), training Keras'
+# and evaluation a frozen graph (pspnet_tf.infer.predictor.frozen_function), training Keras'
 # jit_compile="auto" (XLA on GPUs only). The others: "graph" (a tf.function of the model
 # as it is / compile(jit_compile=False)), "frozen" and "xla" (XLA forced on).
 MODES = ("default", "graph", "frozen", "xla")
@@ -87,7 +87,7 @@ def build_case(kind, backbone, batch, size, precision="fp32", mode="default"):
     import tensorflow as tf
 
     from pspnet_tf import build_pspnet
-    from pspnet_tf.inference import frozen_function
+    from pspnet_tf.infer.predictor import frozen_function
 
     if mode not in MODES or (kind == "train" and mode == "frozen"):
         raise ValueError(f"mode {mode!r} is not one of {MODES} for {kind}")

@@ -2,12 +2,12 @@
 
 One run, on the CPU, with nothing to download:
 
-1. writes the demo dataset (:func:`pspnet_tf.demo_data.make_demo_dataset`, VOC layout);
+1. writes the demo dataset (:func:`pspnet_tf.data.demo.make_demo_dataset`, VOC layout);
 2. builds PSPNet-MobileNetV2 at 320x320 (the 320 row of the pyramid table: bins
    1, 2, 4, 8) with the auxiliary head;
 3. trains it with ``model.fit`` on the ``tf.data`` pipeline, CE + dice loss and the
    paper's poly learning rate schedule (with AdamW: from scratch it needs far fewer steps
-   than SGD), with checkpoints and resume (:func:`pspnet_tf.training.train`);
+   than SGD), with checkpoints and resume (:func:`pspnet_tf.training.recipe.train`);
 4. evaluates the validation split single-scale and with sliding windows;
 5. draws overlays of validation images beside their ground truth, the training curves
    and the confusion matrix (PNG files);
@@ -35,7 +35,7 @@ from pspnet_tf.files import check_output, folder_kind, write_json
 # from scratch (nothing to download), so AdamW with the poly schedule, not the paper's SGD for
 # fine-tuning ImageNet weights; mild scale augmentation only, since the generated scenes
 # already vary in size and rotation. Many small shapes per scene and difficulty 0.1 (a
-# partial colour cue, see pspnet_tf.demo_data) make 0.6 val mIoU reachable in 12 epochs on
+# partial colour cue, see pspnet_tf.data.demo) make 0.6 val mIoU reachable in 12 epochs on
 # 2 cores; with the generator's large shapes and no cue it reached 0.28 after 8 epochs.
 _RECIPE = {
     "backbone": "mobilenetv2", "alpha": 0.35, "crop_size": 320, "loss": "ce+dice",
@@ -52,8 +52,7 @@ SETTINGS = {
     "quick": {
         "dataset": {"num_train": 64, "num_val": 16, "size": 320, "seed": 0, "difficulty": 0.0,
                     "shapes": "small"},
-        # 13 epochs: after 10 the curve was still steep, and the run with oneDNN off (the
-        # same loss) read 0.24-0.26 val mIoU where the oneDNN run read 0.38; 13 gave 0.42.
+        # 13 epochs: fewer end where the validation mIoU still climbs steeply.
         "train": {
             **_RECIPE, "batch_size": 4, "epochs": 13, "warmup_steps": 8, "learning_rate": 0.01,
         },
@@ -80,15 +79,16 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     Returns:
         dict with the settings, wall time, validation scores per mode and file paths.
     """
-    from pspnet_tf import demo_data
-    from pspnet_tf.data import load_dataset
-    from pspnet_tf.evaluation import (
+    from pspnet_tf.data import demo as demo_data
+    from pspnet_tf.data.pipeline import load_dataset
+    from pspnet_tf.infer.evaluation import (
         evaluate,
         format_report,
         plot_confusion_matrix,
         write_json_report,
     )
-    from pspnet_tf.training import train
+    from pspnet_tf.infer.predictor import as_predictor
+    from pspnet_tf.training.recipe import train
 
     start = time.perf_counter()
     settings = SETTINGS["quick" if quick else "default"]
@@ -107,19 +107,22 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     import keras
 
     model = keras.models.load_model(paths["model"])
+    predictor = as_predictor(model)  # one for every step below
     val = load_dataset(paths["data"], "voc", "val", num_classes, batch_size=1)
     reports = {}
     for mode, options in (("single", {}), ("sliding", {"crop_size": settings["sliding_crop"]})):
         _say(f"[4/7] evaluating the validation split ({mode})")
-        reports[mode] = evaluate(model, val, num_classes, mode=mode, verbose=verbose, **options)
+        reports[mode] = evaluate(predictor, val, num_classes, mode=mode, verbose=verbose, **options)
         print(format_report(reports[mode]))
         write_json_report(reports[mode], paths[f"report_{mode}"])
     _say("[5/7] pictures")
     plot_confusion_matrix(reports["single"], paths["confusion"])
-    _plot_overlays(model, val, paths["overlays"])
+    _plot_overlays(predictor, val, paths["overlays"])
     _plot_curves(os.path.join(paths["run"], "history.csv"), paths["curves"])
     _say("[6/7] SavedModel export and reload check")
-    agreement = _export_and_check(model, paths["saved_model"], settings["dataset"]["seed"])
+    agreement = _export_and_check(
+        model, predictor, paths["saved_model"], settings["dataset"]["seed"]
+    )
     summary = {
         "settings": settings,
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -159,19 +162,12 @@ def _majority_miou(report):
     return float(truth[majority] / truth.sum() / np.count_nonzero(truth))
 
 
-def _plot_overlays(model, dataset, path):
+def _plot_overlays(predictor, dataset, path):
     """Rows of validation images: image, ground truth, prediction overlaid."""
-    from pspnet_tf.classes import resolve_classes
-    from pspnet_tf.inference import as_predictor
-    from pspnet_tf.predict import (
-        add_legend,
-        colorize,
-        overlay,
-        predict_image,
-        save_image,
-    )
+    from pspnet_tf.data.classes import resolve_classes
+    from pspnet_tf.infer.pictures import add_legend, colorize, overlay, save_image
+    from pspnet_tf.infer.predict import predict_image
 
-    predictor = as_predictor(model)  # built once, not per image
     num_classes = predictor.num_classes
     names, palette, _ = resolve_classes(
         num_classes, model=(predictor.class_names, predictor.palette)
@@ -220,14 +216,15 @@ def _plot_curves(history_csv, path):
     figure.savefig(path)
 
 
-def _export_and_check(model, path, seed):
-    """Exports a SavedModel; returns the label agreement with Keras on an image of another size."""
-    from pspnet_tf.demo_data import render_scene
-    from pspnet_tf.export import export_saved_model, saved_model_agreement
+def _export_and_check(model, predictor, path, seed):
+    """Exports a SavedModel; returns the label agreement with Keras (``predictor``) on an
+    image of another size."""
+    from pspnet_tf.data.demo import render_scene
+    from pspnet_tf.infer.export import export_saved_model, saved_model_agreement
 
     export_saved_model(model, path)
     image, _ = render_scene(np.random.default_rng(seed + 1), OTHER_SIZE)
-    agreement = saved_model_agreement(model, path, [image])
+    agreement = saved_model_agreement(predictor, path, [image])
     if agreement < 0.999:
         raise RuntimeError(f"the SavedModel at {path} disagrees with Keras on {1 - agreement:.2%}")
     return agreement

@@ -24,7 +24,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from pspnet_tf.classes import IGNORE_LABEL
+from pspnet_tf.data.classes import IGNORE_LABEL
 
 
 def _flatten(y_true, y_pred, ignore_label):

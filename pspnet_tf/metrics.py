@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pspnet_tf.classes import IGNORE_LABEL
+from pspnet_tf.data.classes import IGNORE_LABEL
 
 
 def confusion_matrix(labels, predictions, num_classes, ignore_label=IGNORE_LABEL):

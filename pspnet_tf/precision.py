@@ -15,12 +15,9 @@ Inference also takes None: every layer keeps the dtype policy it was built with.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 PRECISIONS = ("float32", "bfloat16", "float16", "mixed")
 _POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-# The training option's words before the vocabulary was one: still read from old configs.
-_FORMER_NAMES = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
 def resolve_precision(precision, allow_none=True):
@@ -36,13 +33,6 @@ def resolve_precision(precision, allow_none=True):
     Raises:
         ValueError: ``precision`` is not one of :data:`PRECISIONS`.
     """
-    if precision in _FORMER_NAMES:
-        warnings.warn(
-            f"precision {precision!r} is now called {_FORMER_NAMES[precision]!r}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        precision = _FORMER_NAMES[precision]
     if precision is None and allow_none:
         return None
     if precision not in PRECISIONS:
@@ -110,7 +100,7 @@ def precision_copy(model, precision):
 def _float32_layers(model):
     """Names of the layers that stay float32 at any precision: inputs, the input
     normalisation layer and the layers giving the outputs."""
-    from pspnet_tf.layers import Preprocessing
+    from pspnet_tf.model.layers import Preprocessing
 
     config = model.get_config()
     ends = [config["input_layers"], config["output_layers"]]

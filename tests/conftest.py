@@ -2,6 +2,8 @@
 
 import os
 
+# The repository's root (tests live in folders below tests/).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Quiet TF's start-up chatter; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -69,10 +71,10 @@ def rng():
 def demo_dataset(tmp_path_factory):
     """Path of a tiny generated VOC-layout dataset: 8 train, 4 val images of 64x64, 6 classes.
 
-    Classes are ``pspnet_tf.data.DEMO_CLASSES``; read it with
+    Classes are ``pspnet_tf.data.demo.DEMO_CLASSES``; read it with
     ``load_dataset(demo_dataset, "voc", "train", len(DEMO_CLASSES), ...)``.
     """
-    from pspnet_tf.demo_data import make_demo_dataset
+    from pspnet_tf.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "voc"
     return make_demo_dataset(root, num_train=8, num_val=4, size=64, seed=0)
@@ -89,7 +91,7 @@ def pixelwise_model():
     """
     import keras
 
-    from pspnet_tf.layers import Preprocessing
+    from pspnet_tf.model.layers import Preprocessing
 
     def make(
         kernel,
@@ -114,7 +116,7 @@ def pixelwise_model():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A small generated demo dataset (VOC layout, 6 classes, 64x64): 16 train, 8 val."""
-    from pspnet_tf.data import make_demo_dataset
+    from pspnet_tf.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_dataset(root, num_train=16, num_val=8, size=64, seed=0, difficulty=0.0)

@@ -69,12 +69,12 @@ def test_find_cycle_finds_one():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "pspnet_tf.network" in graph["pspnet_tf.model"]  # the graph is really read
-    assert "pspnet_tf.weights.registry" in graph["pspnet_tf.model"]
+    assert "pspnet_tf.model.network" in graph["pspnet_tf.model.build"]  # the graph is really read
+    assert "pspnet_tf.weights.registry" in graph["pspnet_tf.model.build"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_modules_stay_readable():
     # STYLE.md: files under ~400 lines.
     lengths = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert max(lengths.values()) <= 550, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
+    assert max(lengths.values()) <= 410, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]

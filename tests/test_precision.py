@@ -5,7 +5,7 @@ import pytest
 
 from pspnet_tf.cli import build_parser
 from pspnet_tf.precision import PRECISIONS, dtype_policy, keras_policy, resolve_precision
-from pspnet_tf.training import resolve_config
+from pspnet_tf.training.recipe import resolve_config
 
 
 def test_every_command_takes_the_same_words():
@@ -34,9 +34,9 @@ def test_words_resolve_to_keras_policies():
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_former_training_words_still_read_from_configs():
-    with pytest.warns(DeprecationWarning, match="'mixed_bfloat16' is now called 'bfloat16'"):
-        assert keras_policy("mixed_bfloat16") == "mixed_bfloat16"
+def test_training_configs_take_the_precision_words():
+    with pytest.raises(ValueError, match="got 'mixed_bfloat16'"):  # Keras' policy name is not one
+        keras_policy("mixed_bfloat16")
     config = resolve_config({"num_classes": 2, "output": "out", "precision": "bfloat16"})
     assert config["precision"] == "bfloat16"
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -27,7 +27,7 @@ def one_line(error):
 def _summary(args):
     import time
 
-    from pspnet_tf.model import build_pspnet
+    from pspnet_tf.model.build import build_pspnet
 
     size = args.input_size
     start = time.perf_counter()
@@ -46,7 +46,8 @@ def _summary(args):
 
 
 def _check_data(args):
-    from pspnet_tf.data import check_dataset, list_pairs
+    from pspnet_tf.data.checks import check_dataset
+    from pspnet_tf.data.layouts import list_pairs
 
     problems, checked = [], 0
     for split in args.split:
@@ -82,7 +83,7 @@ def _load_model(path):
 
     import keras
 
-    import pspnet_tf.layers  # noqa: F401  (registers the custom layers)
+    import pspnet_tf.model.layers  # noqa: F401  (registers the custom layers)
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path!r}: no such file")
@@ -100,9 +101,11 @@ def _load_model(path):
 
 def _evaluate(args):
     """Scans the split first: bad pairs are skipped and listed (exit 1); --strict refuses."""
-    from pspnet_tf.classes import resolve_classes
-    from pspnet_tf.data import load_dataset, short_reason
-    from pspnet_tf.evaluation import (
+    from pspnet_tf.data.checks import short_reason
+    from pspnet_tf.data.classes import resolve_classes
+    from pspnet_tf.data.pipeline import load_dataset
+    from pspnet_tf.files import PNG, check_output
+    from pspnet_tf.infer.evaluation import (
         BASE_SIZES,
         JSON_REPORT,
         evaluate,
@@ -110,8 +113,7 @@ def _evaluate(args):
         plot_confusion_matrix,
         write_json_report,
     )
-    from pspnet_tf.files import PNG, check_output
-    from pspnet_tf.inference import as_predictor
+    from pspnet_tf.infer.predictor import as_predictor
 
     _check_positive(args, "num_classes", "crop_size", "stride", "base_size", "max_images", "scales")
     crop_size = _height_width(args.crop_size, "--crop-size")
@@ -159,7 +161,7 @@ def _evaluate(args):
 
 def _bad_pairs(args, num_classes):
     """The split's bad pairs, each warned about; with --strict the first one raises."""
-    from pspnet_tf.data import find_bad_pairs
+    from pspnet_tf.data.checks import find_bad_pairs
 
     bad = find_bad_pairs(args.data, args.layout, args.split, num_classes, list_file=args.list_file)
     if bad and args.strict:
@@ -196,14 +198,14 @@ def _height_width(values, flag="size"):
 
 def _predict(args):
     """Unreadable images are skipped and listed (exit 1); --strict stops at the first."""
-    from pspnet_tf.inference import as_predictor
-    from pspnet_tf.predict import (
+    from pspnet_tf.infer.predict import (
         image_paths,
         is_video,
         planned_outputs,
         predict_files,
         predict_video,
     )
+    from pspnet_tf.infer.predictor import as_predictor
 
     _check_positive(args, "crop_size", "base_size")
     if not 0.0 <= args.alpha <= 1.0:
@@ -234,8 +236,8 @@ def _predict(args):
 
 
 def _export(args):
-    from pspnet_tf import export
     from pspnet_tf.files import check_output
+    from pspnet_tf.infer import export
 
     # Flags first: a bad one fails before the model is loaded.
     if args.precision and args.format != "saved_model":
@@ -257,7 +259,7 @@ def _export(args):
 
 
 def _train(args):
-    from pspnet_tf.training import DEFAULTS, ConfigError, train
+    from pspnet_tf.training.recipe import DEFAULTS, ConfigError, train
 
     # Only the flags given on the command line override the config file.
     overrides = {key: value for key, value in vars(args).items() if key in DEFAULTS}
@@ -266,8 +268,8 @@ def _train(args):
     except ConfigError as error:
         raise UsageError(_train_flagone_line(error, overrides, args.config)) from None
     except KeyboardInterrupt:  # Ctrl-C: the backup of the last finished epoch stands
-        from pspnet_tf.run_folder import finished_epochs
-        from pspnet_tf.train_config import resolve_config
+        from pspnet_tf.training.config import resolve_config
+        from pspnet_tf.training.run_folder import finished_epochs
 
         output = resolve_config(args.config, **overrides)["output"]
         print(f"pspnet-tf train: interrupted after epoch {finished_epochs(output)}; run the "
@@ -291,7 +293,7 @@ def _convert(args):
     import warnings
 
     from pspnet_tf.files import KERAS_MODEL, atomic_path, check_output
-    from pspnet_tf.network import get_metadata
+    from pspnet_tf.model.network import get_metadata
     from pspnet_tf.weights import convert_checkpoint
 
     check_output(args.output, KERAS_MODEL)  # before the conversion

@@ -25,14 +25,14 @@ def _none_or(kind):
 
 def build_parser():
     # The choices are the modules' own lists, so a new backbone or layout shows up here.
-    from pspnet_tf.backbones import BACKBONES, OUTPUT_STRIDES
-    from pspnet_tf.classes import DATASETS
-    from pspnet_tf.distributed import STRATEGIES
-    from pspnet_tf.export import FORMATS, QUANTIZATIONS
-    from pspnet_tf.inference import MODES
-    from pspnet_tf.layouts import LAYOUTS
-    from pspnet_tf.predict import OUTPUTS
-    from pspnet_tf.training import OPTIMIZERS
+    from pspnet_tf.data.classes import DATASETS
+    from pspnet_tf.data.layouts import LAYOUTS
+    from pspnet_tf.infer.export import FORMATS, QUANTIZATIONS
+    from pspnet_tf.infer.modes import MODES
+    from pspnet_tf.infer.predict import OUTPUTS
+    from pspnet_tf.model.backbones import BACKBONES, OUTPUT_STRIDES
+    from pspnet_tf.training.distributed import STRATEGIES
+    from pspnet_tf.training.recipe import OPTIMIZERS
     from pspnet_tf.weights.convert import SOURCES
 
     parser = argparse.ArgumentParser(
@@ -138,7 +138,7 @@ def build_parser():
     _precision_argument(p)
     p.set_defaults(func=commands._export)
 
-    # Defaults live in pspnet_tf.training.DEFAULTS; unset flags leave the config file's value.
+    # Defaults: pspnet_tf.training.config.DEFAULTS; unset flags leave the config file's value.
     p = sub.add_parser(
         "train",
         argument_default=argparse.SUPPRESS,

@@ -7,7 +7,7 @@
   ``SOURCES`` (semseg, bubbliiiing and Caffe checkpoints to ``.keras`` models).
 
 Loading weights by layer name (ImageNet backbones, ``.keras`` files) is
-:mod:`pspnet_tf.named_weights`.
+:mod:`pspnet_tf.model.named_weights`.
 """
 
 from pspnet_tf.weights.convert import SOURCES, convert_checkpoint, read_checkpoint

@@ -32,8 +32,8 @@ import warnings
 import keras
 import numpy as np
 
-from pspnet_tf.classes import DATASETS
-from pspnet_tf.network import assemble, get_metadata, set_metadata
+from pspnet_tf.data.classes import DATASETS
+from pspnet_tf.model.network import assemble, get_metadata, set_metadata
 from pspnet_tf.weights.keys import source_name
 
 _DEEP_RESNET = {"stem": "deep", "conv_bias": False, "bn_epsilon": 1e-5}

@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 
-from pspnet_tf.classes import DATASETS
+from pspnet_tf.data.classes import DATASETS
 from pspnet_tf.files import atomic_path, write_text
-from pspnet_tf.network import get_metadata, resolve_preprocessing, set_metadata
+from pspnet_tf.model.network import get_metadata, resolve_preprocessing, set_metadata
 from pspnet_tf.weights.convert import SOURCES, convert_checkpoint
 
 _SEMSEG_URL = "https://drive.google.com/open?id=15wx9vOM0euyizq-M1uINgN0_wjVRf9J3"
