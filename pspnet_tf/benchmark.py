@@ -22,8 +22,8 @@ import sys
 import time
 
 from pspnet_tf.files import JSON_OBJECT, write_json
+from pspnet_tf.options import BACKBONES
 
-BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
 # (kind, batch, size): 473 batch-1 inference; training steps at 320 x 4 and 473 x 2.
 FULL_CASES = [("infer", 1, 473), ("train", 4, 320), ("train", 2, 473)]
 QUICK_CASES = [("infer", 1, 473), ("train", 4, 320)]

@@ -72,17 +72,30 @@ def test_importing_the_package_changes_no_process_state():
     assert result["env"] == [], result
 
 
-def test_command_line_starts_without_tensorflow_log_lines():
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    out = subprocess.run(
-        [sys.executable, "-m", "pspnet_tf", "--version"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
+def _command(*argv, env=None):
+    env = env or {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "pspnet_tf", *argv],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")]  # fmt: skip
+    logs = [line for line in out.stderr.splitlines() if not line.startswith("import time:")]
+    return out.stdout, imported, logs
+
+
+def test_help_and_version_load_no_tensorflow():
     from pspnet_tf import __version__
 
-    assert out.stdout.strip() == __version__
-    assert out.stderr == "", out.stderr  # TensorFlow's start-up lines silenced
+    out, imported, logs = _command("--version")
+    assert out.strip() == __version__ and logs == []
+    assert "tensorflow" not in imported and "keras" not in imported, imported
+    out, imported, _ = _command("train", "--help")
+    assert "--freeze-backbone-epochs" in out and "tensorflow" not in imported
+
+
+def test_command_line_starts_without_tensorflow_log_lines():
+    out, _, logs = _command(
+        "summary", "--backbone", "mobilenetv2", "--alpha", "0.35", "--input-size", "32"
+    )
+    assert "parameters" in out  # a model was built: TensorFlow ran
+    assert logs == [], logs  # TensorFlow's start-up lines silenced

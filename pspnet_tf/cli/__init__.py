@@ -64,8 +64,10 @@ def _quiet_tensorflow():
 
 def console():
     """The installed ``pspnet-tf`` command: :func:`main` with TensorFlow's start-up quiet."""
-    _quiet_tensorflow()
-    sys.exit(main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if argv and not {"-h", "--help", "--version"} & set(argv):  # help never loads TensorFlow
+        _quiet_tensorflow()
+    sys.exit(main(argv))
 
 
 def main(argv=None):

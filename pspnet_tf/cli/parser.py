@@ -24,16 +24,20 @@ def _none_or(kind):
 
 
 def build_parser():
-    # The choices are the modules' own lists, so a new backbone or layout shows up here.
+    # The choices the modules take (pspnet_tf.options): --help loads no TensorFlow.
     from pspnet_tf.data.classes import DATASETS
-    from pspnet_tf.data.layouts import LAYOUTS
-    from pspnet_tf.infer.export import FORMATS, QUANTIZATIONS
-    from pspnet_tf.infer.modes import MODES
-    from pspnet_tf.infer.predict import OUTPUTS
-    from pspnet_tf.model.backbones import BACKBONES, OUTPUT_STRIDES
-    from pspnet_tf.training.distributed import STRATEGIES
-    from pspnet_tf.training.recipe import OPTIMIZERS
-    from pspnet_tf.weights.convert import SOURCES
+    from pspnet_tf.options import (
+        BACKBONES,
+        FORMATS,
+        LAYOUTS,
+        MODES,
+        OPTIMIZERS,
+        OUTPUT_STRIDES,
+        OUTPUTS,
+        QUANTIZATIONS,
+        STRATEGIES,
+        WEIGHT_SOURCES,
+    )
 
     parser = argparse.ArgumentParser(
         prog="pspnet-tf",
@@ -181,7 +185,7 @@ def build_parser():
 
     p = sub.add_parser("convert", help="convert a published PSPNet checkpoint to a .keras model")
     p.add_argument(
-        "--from", dest="source", required=True, choices=sorted(SOURCES),
+        "--from", dest="source", required=True, choices=WEIGHT_SOURCES,
         help="semseg: hszhao/semseg .pth; bubbliiiing: bubbliiiing/pspnet-pytorch .pth; "
         "caffe: the Caffe model as .npy (see weights/README.md)",
     )  # fmt: skip

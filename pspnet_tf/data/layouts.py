@@ -26,8 +26,8 @@ import os
 import numpy as np
 
 from pspnet_tf.data.classes import CITYSCAPES_LABEL_TO_TRAIN_ID, IGNORE_LABEL
+from pspnet_tf.options import LAYOUTS
 
-LAYOUTS = ("voc", "cityscapes", "ade20k", "list")
 ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation"}
 ADE20K_SPLITS["validation"] = "validation"
 

@@ -44,11 +44,10 @@ from pspnet_tf import files
 from pspnet_tf.files import OutputKind, atomic_path
 from pspnet_tf.infer.predictor import any_size_model, as_predictor
 from pspnet_tf.model.network import get_metadata, inference_model, rebuild
+from pspnet_tf.options import QUANTIZATIONS
 from pspnet_tf.precision import precision_copy, resolve_precision
 
 SIGNATURE = "serving_default"
-FORMATS = ("saved_model", "tflite", "onnx")
-QUANTIZATIONS = (None, "dynamic")
 # What a SavedModel folder holds; a folder with anything else is not replaced.
 _SAVED_MODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb",
                         "keras_metadata.pb"}  # fmt: skip

@@ -22,9 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from pspnet_tf.infer.predictor import as_predictor
-
-MODES = ("single", "sliding", "multiscale")
-
+from pspnet_tf.options import MODES
 
 # Multi-scale testing of the paper and its reference code.
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

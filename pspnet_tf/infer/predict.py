@@ -37,10 +37,10 @@ from pspnet_tf.infer.pictures import (
     save_label_png,
 )
 from pspnet_tf.infer.predictor import as_predictor
+from pspnet_tf.options import OUTPUTS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
-OUTPUTS = ("labels", "masks", "overlays")
 # Each output's folder and file extension: labels/NAME.png, masks/NAME.png, overlays/NAME.jpg.
 _EXTENSIONS = {"labels": "png", "masks": "png", "overlays": "jpg"}
 log = logging.getLogger("pspnet_tf")

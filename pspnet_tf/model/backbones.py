@@ -41,9 +41,9 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from pspnet_tf.options import BACKBONES, OUTPUT_STRIDES
+
 RESNET_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
-BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
-OUTPUT_STRIDES = (8, 16, 32)
 
 # keras.applications-compatible defaults of each backbone's variant options.
 RESNET_VARIANT = {

@@ -17,11 +17,10 @@ from pspnet_tf import losses as losses_lib
 from pspnet_tf.data.classes import IGNORE_LABEL
 from pspnet_tf.data.layouts import LAYOUTS
 from pspnet_tf.model.backbones import BACKBONES, OUTPUT_STRIDES
+from pspnet_tf.options import OPTIMIZERS
 from pspnet_tf.precision import PRECISIONS, resolve_precision
 from pspnet_tf.training import data as train_data
 from pspnet_tf.training import distributed
-
-OPTIMIZERS = ("sgd", "adamw")
 
 # Every key of a training config, with its default. `pspnet-tf train --config FILE`
 # reads the same keys (YAML or JSON); see examples/configs/.

@@ -22,9 +22,8 @@ import os
 import keras
 import tensorflow as tf
 
+from pspnet_tf.options import STRATEGIES
 from pspnet_tf.training.callbacks import WORKER_CALLBACKS
-
-STRATEGIES = ("auto", "none", "mirrored", "multi_worker")
 
 
 def tf_config_workers():
