@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-from pspnet_tf.cli.commands import DEBUG_VARIABLE, UsageError, one_line
+from pspnet_tf.cli.commands import DEBUG_VARIABLE, UsageError
 from pspnet_tf.cli.parser import build_parser
+from pspnet_tf.errors import one_line
 
 __all__ = ["DEBUG_VARIABLE", "UsageError", "build_parser", "console", "main"]
 

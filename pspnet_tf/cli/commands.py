@@ -8,20 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
+from pspnet_tf.errors import one_line
+
 DEBUG_VARIABLE = "PSPNET_TF_DEBUG"
 
 
 class UsageError(ValueError):
     """A bad command-line value (exit code 2); the message names the flag."""
-
-
-def one_line(error):
-    """An exception as one line: its own words (a FileNotFoundError's file name included)."""
-    if isinstance(error, OSError) and error.filename and str(error.filename) not in str(error):
-        text = f"{error.strerror or error}: {error.filename}"
-    else:
-        text = str(error) or type(error).__name__
-    return " ".join(text.split())
 
 
 def _summary(args):
@@ -266,7 +259,7 @@ def _train(args):
     try:
         train(args.config, **overrides)
     except ConfigError as error:
-        raise UsageError(_train_flagone_line(error, overrides, args.config)) from None
+        raise UsageError(_train_flag_message(error, overrides, args.config)) from None
     except KeyboardInterrupt:  # Ctrl-C: the backup of the last finished epoch stands
         from pspnet_tf.training.config import resolve_config
         from pspnet_tf.training.run_folder import finished_epochs
@@ -278,7 +271,7 @@ def _train(args):
     return 0
 
 
-def _train_flagone_line(error, overrides, config_file):
+def _train_flag_message(error, overrides, config_file):
     """A config error in the words of the command line: the flag, or the config file."""
     message, key = str(error), error.key
     if key in overrides and message.startswith(f"{key} "):

@@ -22,6 +22,7 @@ from pspnet_tf.data import pipeline as data_lib
 
 # The tf.data decode path itself, run again to find the file behind an error.
 from pspnet_tf.data.pipeline import _decode_image, _decode_label, _load_pair
+from pspnet_tf.errors import one_line
 
 BAD_FILES = ("refuse", "skip")
 
@@ -175,11 +176,5 @@ def first_undecodable(pairs, layout, num_classes, *, label_map=None):
         try:
             decode(tf.constant(path))
         except tf.errors.OpError as error:
-            return path, tf_error_text(error)
+            return path, one_line(error)
     return label_path, "rejected with its image by the decode checks"
-
-
-def tf_error_text(error):
-    """A TensorFlow error's own words on one line, without the graph node and op names."""
-    text = re.sub(r"\{\{[^}]*\}\}", "", error.message).split("\n")[0]
-    return " ".join(re.split(r"\s\[\[|\s\[Op:", text)[0].split())

@@ -31,6 +31,7 @@ import h5py
 import keras
 import yaml
 
+from pspnet_tf.errors import one_line
 from pspnet_tf.files import (
     atomic_path,
     check_output,
@@ -184,7 +185,7 @@ def _read_saved_config(path, output, write):
         if not isinstance(saved, dict):
             raise ValueError("not a mapping of keys to values")
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as error:
-        problem = f"{path}: corrupt run config ({_one_line(error)})"
+        problem = f"{path}: corrupt run config ({one_line(error)})"
         if has_finished_epoch(output):
             raise ValueError(f"{problem}; cannot tell which settings to resume; "
                              f"{start_again(output)}") from None  # fmt: skip
@@ -201,16 +202,12 @@ def keras_file_problem(path):
             damaged = archive.testzip()
             names = set(archive.namelist())
     except (zipfile.BadZipFile, OSError, EOFError) as error:
-        return f"not a complete .keras file ({_one_line(error)})"
+        return f"not a complete .keras file ({one_line(error)})"
     if damaged:
         return f"damaged member {damaged}"
     if "config.json" not in names:
         return "no config.json inside"
     return None
-
-
-def _one_line(error):
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 class Backup(keras.callbacks.BackupAndRestore):
@@ -290,7 +287,7 @@ class Backup(keras.callbacks.BackupAndRestore):
             try:
                 epoch = self._load(path, metadata)
             except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
-                problems.append(f"{path}: corrupt backup ({_one_line(error)})")
+                problems.append(f"{path}: corrupt backup ({one_line(error)})")
                 continue
             if problems:
                 write_json(self._training_metadata_path, {"epoch": epoch, "batch": 0})
