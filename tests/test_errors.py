@@ -15,8 +15,5 @@ def test_a_tensorflow_error_loses_its_node_names():
 
 def test_a_file_error_keeps_its_file_and_other_errors_their_words():
     assert one_line(FileNotFoundError(2, "No such file or directory", "x.png")).endswith("x.png'")
-    no_name_in_words = OSError(28, "No space left on device")
-    no_name_in_words.filename = "out/m.keras"
-    assert one_line(no_name_in_words) == "No space left on device: out/m.keras"
     assert one_line(ValueError("two\n   lines")) == "two lines"
     assert one_line(KeyError()) == "KeyError"
