@@ -28,10 +28,9 @@ from pspnet_tf import build_pspnet  # noqa: E402
 from pspnet_tf.infer.export import (  # noqa: E402
     export_onnx,
     export_saved_model,
-    export_tflite,
-    run_tflite,
     serving_function,
 )
+from pspnet_tf.infer.litert import export_tflite, run_tflite  # noqa: E402
 
 
 def disk_size(path):

@@ -14,9 +14,10 @@ LAYOUTS = ("voc", "cityscapes", "ade20k", "list")
 MODES = ("single", "sliding", "multiscale")
 # What predict writes for each image (pspnet_tf.infer.predict).
 OUTPUTS = ("labels", "masks", "overlays")
-# Export formats and TFLite quantisations (pspnet_tf.infer.export).
-FORMATS = ("saved_model", "tflite", "onnx")
-QUANTIZATIONS = (None, "dynamic")
+# Export formats (pspnet_tf.infer.export; "tflite" is "litert"'s former name) and LiteRT
+# quantisations (pspnet_tf.infer.litert).
+FORMATS = ("saved_model", "litert", "tflite", "onnx")
+LITERT_QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 # Training (pspnet_tf.training.config, pspnet_tf.training.distributed).
 OPTIMIZERS = ("sgd", "adamw")
 STRATEGIES = ("auto", "none", "mirrored", "multi_worker")

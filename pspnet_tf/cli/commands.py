@@ -64,8 +64,11 @@ def _benchmark(args):
     return benchmark.run(args)
 
 
-def _load_model(path):
+def _load_model(path, litert=False, threads=2):
     """Loads the ``--model`` of evaluate, predict and export.
+
+    With ``litert`` (evaluate, predict), a TFLite file (by content) becomes a
+    :class:`pspnet_tf.infer.litert.LiteRTPredictor` running ``threads`` threads.
 
     Raises:
         FileNotFoundError: no such file.
@@ -82,6 +85,11 @@ def _load_model(path):
         raise FileNotFoundError(f"model {path!r}: no such file")
     if os.path.isdir(path):
         raise ValueError(f"model {path!r}: a folder, not a .keras file")
+    if litert:
+        from pspnet_tf.infer.litert import LiteRTPredictor, is_litert_file
+
+        if is_litert_file(path):  # by content, whatever the name
+            return LiteRTPredictor(path, threads=threads)
     unreadable = f"model {path!r}: not a readable .keras file (truncated or not a Keras model)"
     # Keras answers "File not found" for a file that is there but not a zip.
     if path.endswith(".keras") and not zipfile.is_zipfile(path):
@@ -118,7 +126,7 @@ def _evaluate(args):
         check_output(args.json, JSON_REPORT)  # before the model is read
     if args.confusion_png:
         check_output(args.confusion_png, PNG)
-    predictor = as_predictor(_load_model(args.model), precision=args.precision)
+    predictor = as_predictor(_load_model(args.model, True, args.threads), precision=args.precision)
     if args.num_classes and args.num_classes != predictor.num_classes:
         raise UsageError(f"--num-classes {args.num_classes} does not match the model, which "
                          f"gives {predictor.num_classes} classes")  # fmt: skip
@@ -212,7 +220,7 @@ def _predict(args):
         class_names=args.class_names or args.dataset, palette=args.dataset, mode=args.mode,
         crop_size=_height_width(args.crop_size, "--crop-size"), base_size=args.base_size,
     )  # fmt: skip
-    predictor = as_predictor(_load_model(args.model), precision=args.precision)
+    predictor = as_predictor(_load_model(args.model, True, args.threads), precision=args.precision)
     if video:
         written = predict_video(predictor, args.input[0], args.output, **options)
         print(f"wrote {len(written)} files to {args.output}")
@@ -233,18 +241,28 @@ def _export(args):
     from pspnet_tf.infer import export
 
     # Flags first: a bad one fails before the model is loaded.
+    litert = args.format in ("litert", "tflite")
     if args.precision and args.format != "saved_model":
         raise UsageError("--precision applies to --format saved_model only")
-    if args.format == "tflite" and not args.input_size:
-        raise UsageError("--format tflite needs --input-size H [W]")
-    _check_positive(args, "input_size")
+    if litert and not args.input_size:
+        raise UsageError(f"--format {args.format} needs --input-size H [W]")
+    if not litert and (args.quantization != "none" or args.calibration):
+        raise UsageError("--quantization and --calibration apply to --format litert only")
+    if args.quantization == "int8" and not args.calibration:
+        raise UsageError("--quantization int8 needs --calibration DIR (a folder of images)")
+    _check_positive(args, "input_size", "calibration_images")
     input_size = _height_width(args.input_size, "--input-size")
     check_output(args.output, export.OUTPUT_KINDS[args.format])  # before the model is read
     model = _load_model(args.model)
     if args.format == "saved_model":
         path = export.export_saved_model(model, args.output, precision=args.precision)
-    elif args.format == "tflite":
-        path = export.export_tflite(model, args.output, input_size, args.quantize)
+    elif litert:
+        from pspnet_tf.infer.litert import export_litert
+
+        path = export_litert(
+            model, args.output, input_size, args.quantization,
+            calibration=args.calibration, calibration_images=args.calibration_images,
+        )  # fmt: skip
     else:
         path = export.export_onnx(model, args.output)
     print(f"wrote {path}")

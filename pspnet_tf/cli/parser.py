@@ -18,6 +18,12 @@ def _precision_argument(parser, default_text="the model's own"):
     )  # fmt: skip
 
 
+def _threads_argument(parser):
+    parser.add_argument(
+        "--threads", type=int, default=2, help="LiteRT interpreter threads (a .tflite --model)"
+    )
+
+
 def _none_or(kind):
     """argparse type: ``none``/``null`` -> None, else ``kind(value)``."""
     return lambda value: None if value.lower() in ("none", "null") else kind(value)
@@ -30,11 +36,11 @@ def build_parser():
         BACKBONES,
         FORMATS,
         LAYOUTS,
+        LITERT_QUANTIZATIONS,
         MODES,
         OPTIMIZERS,
         OUTPUT_STRIDES,
         OUTPUTS,
-        QUANTIZATIONS,
         STRATEGIES,
         WEIGHT_SOURCES,
     )
@@ -82,7 +88,7 @@ def build_parser():
     benchmark.add_arguments(p)
     p.set_defaults(func=commands._benchmark)
     p = sub.add_parser("evaluate", help="mIoU, pixel accuracy and per-class IoU on a dataset")
-    p.add_argument("--model", required=True, help=".keras model file")
+    p.add_argument("--model", required=True, help=".keras or .tflite model file")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--split", default="val")
@@ -104,6 +110,7 @@ def build_parser():
         "check-data does), bad pairs are skipped and listed, and the exit code is 1",
     )  # fmt: skip
     _precision_argument(p)
+    _threads_argument(p)
     p.set_defaults(func=commands._evaluate)
 
     p = sub.add_parser("predict", help="label PNGs, coloured masks and overlays of images/video")
@@ -130,15 +137,24 @@ def build_parser():
     p.add_argument("--crop-size", type=int, nargs="+", help="sliding window H [W]")
     p.add_argument("--base-size", type=int, help="multiscale long side at scale 1")
     _precision_argument(p)
+    _threads_argument(p)
     p.set_defaults(func=commands._predict)
 
-    p = sub.add_parser("export", help="SavedModel (any size), TFLite (fixed size) or ONNX")
+    p = sub.add_parser("export", help="SavedModel (any size), LiteRT/TFLite (fixed size), ONNX")
     p.add_argument("--model", required=True, help=".keras model file")
     p.add_argument("--output", required=True, help="SavedModel folder or .tflite/.onnx file")
-    p.add_argument("--format", default="saved_model", choices=FORMATS)
-    p.add_argument("--input-size", type=int, nargs="+", help="TFLite input H [W]")
-    p.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q],
-                   help="TFLite dynamic-range quantisation")  # fmt: skip
+    p.add_argument(
+        "--format", default="saved_model", choices=FORMATS,
+        help="litert (or tflite): one input size, for CPUs and phones",
+    )  # fmt: skip
+    p.add_argument("--input-size", type=int, nargs="+", help="LiteRT input H [W]")
+    p.add_argument(
+        "--quantization", default="none", choices=LITERT_QUANTIZATIONS,
+        help="LiteRT: float16 or int8 weights (dynamic), or full-integer int8 (needs "
+        "--calibration)",
+    )  # fmt: skip
+    p.add_argument("--calibration", help="int8: a folder of images like those it will see")
+    p.add_argument("--calibration-images", type=int, help="int8: how many (default 100)")
     _precision_argument(p)
     p.set_defaults(func=commands._export)
 

@@ -24,8 +24,8 @@ refuse the others made the restored function retrace for every image size), so
 load it with :func:`load_saved_model`, which refuses anything but uint8, or pass
 uint8 arrays yourself. TF Serving checks the request's dtype itself.
 
-:func:`export_tflite` writes a float32 or dynamic-range quantised TFLite model
-for one input size; :func:`run_tflite` runs it. :func:`export_onnx` converts the
+LiteRT (TFLite) files for one input size are :mod:`pspnet_tf.infer.litert`'s.
+:func:`export_onnx` converts the
 any-size serving function with ``tf2onnx`` (the ``onnx`` extra).
 """
 
@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import warnings
 
 import keras
 import numpy as np
@@ -44,7 +42,6 @@ from pspnet_tf import files
 from pspnet_tf.files import OutputKind, atomic_path
 from pspnet_tf.infer.predictor import any_size_model, as_predictor
 from pspnet_tf.model.network import get_metadata, inference_model, rebuild
-from pspnet_tf.options import QUANTIZATIONS
 from pspnet_tf.precision import precision_copy, resolve_precision
 
 SIGNATURE = "serving_default"
@@ -81,6 +78,7 @@ def _is_onnx(path):
 OUTPUT_KINDS = {
     "saved_model": OutputKind("a SavedModel folder", _is_saved_model),
     "tflite": OutputKind("a TFLite model", _is_tflite),
+    "litert": OutputKind("a TFLite model", _is_tflite),
     "onnx": OutputKind("an ONNX model", _is_onnx),
 }
 
@@ -97,7 +95,7 @@ def serving_model(model):
     if None not in static:
         raise ValueError(
             f"model {model.name!r} takes only {static} images and has no PSPNet metadata to "
-            "rebuild it for any size; export it with export_tflite"
+            "rebuild it for any size; export it with export_litert"
         )
     return model
 
@@ -114,12 +112,13 @@ def _metadata_json(model, precision=None):
     return json.dumps(metadata)
 
 
-def serving_function(model, check_input=True):
+def serving_function(model, check_input=True, logits=False):
     """The serving computation: ``uint8`` images -> ``{"labels", "probabilities"}``.
 
     Args:
         model: a Keras model taking RGB 0-255 images and returning logits.
         check_input: bool. Check shape and size at run time (see the module docstring).
+        logits: bool. Also return the ``logits`` (float32), as LiteRT files do.
 
     Returns:
         A Python function of one ``images`` tensor, to be traced with an input signature.
@@ -136,21 +135,23 @@ def serving_function(model, check_input=True):
             )
             with tf.control_dependencies([nonempty]):
                 images = tf.identity(images)
-        logits = model(tf.cast(images, tf.float32), training=False)
-        return {
-            "labels": tf.argmax(logits, axis=-1, output_type=tf.int32),
-            "probabilities": tf.nn.softmax(logits, axis=-1),
+        scores = model(tf.cast(images, tf.float32), training=False)
+        outputs = {
+            "labels": tf.argmax(scores, axis=-1, output_type=tf.int32),
+            "probabilities": tf.nn.softmax(scores, axis=-1),
         }
+        return {**outputs, "logits": scores} if logits else outputs
 
     return serve
 
 
-def _write_archive(model, directory, input_shape, check_input, metadata=None):
+def write_archive(model, directory, input_shape, check_input, metadata=None, logits=False):
+    """A SavedModel of :func:`serving_function` (and a ``metadata`` signature) in ``directory``."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         SIGNATURE,
-        serving_function(model, check_input),
+        serving_function(model, check_input, logits),
         input_signature=[tf.TensorSpec(input_shape, tf.uint8, name="images")],
     )
     if metadata is not None:
@@ -187,12 +188,12 @@ def export_saved_model(model, path, precision=None):
     serving = precision_copy(serving_model(model), precision)
     metadata = _metadata_json(serving, precision=resolve_precision(precision))
     with atomic_path(path, OUTPUT_KINDS["saved_model"]) as temporary:
-        _write_archive(serving, temporary, (None, None, None, 3), True, metadata)
+        write_archive(serving, temporary, (None, None, None, 3), True, metadata)
     return os.fspath(path)
 
 
-def _fixed_size_model(model, size):
-    """The inference model built for ``size = (h, w)``."""
+def fixed_size_model(model, size):
+    """The inference model built for ``size = (h, w)`` (a PSPNet with static pools there)."""
     model = inference_model(model) if isinstance(model.output, dict) else model
     try:
         has_architecture = "architecture" in get_metadata(model)
@@ -204,67 +205,6 @@ def _fixed_size_model(model, size):
     if None not in static and static != tuple(size):
         raise ValueError(f"model {model.name!r} takes only {static} images, not {tuple(size)}")
     return model
-
-
-def export_tflite(model, path, input_size, quantization=None):
-    """Exports a TFLite model for one input size.
-
-    Args:
-        model: a PSPNet or any Keras model taking RGB 0-255 images.
-        path: str. Output ``.tflite`` file; an existing file is replaced only if it
-            is a TFLite model.
-        input_size: int or ``(height, width)``. The only size the model takes.
-        quantization: None (float32) or ``"dynamic"`` (dynamic-range: int8
-            weights, float activations; about 4x smaller).
-
-    Returns:
-        ``path``. Inputs: ``images`` uint8 ``(1, height, width, 3)``; outputs
-        ``labels`` and ``probabilities`` (see the module docstring).
-    """
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    size = (input_size, input_size) if np.ndim(input_size) == 0 else tuple(input_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"input_size must be a positive int or (height, width), got {input_size}")
-    files.check_output(path, OUTPUT_KINDS["tflite"])
-    fixed = _fixed_size_model(model, size)
-    # The converter freezes variables reliably from a SavedModel; from a concrete
-    # function of a Keras 3 model it silently produced NaN outputs.
-    with tempfile.TemporaryDirectory() as directory:
-        _write_archive(fixed, directory, (1, *size, 3), check_input=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(directory)
-        if quantization == "dynamic":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        content = converter.convert()
-    with atomic_path(path, OUTPUT_KINDS["tflite"]) as temporary, open(temporary, "wb") as f:
-        f.write(content)
-    return os.fspath(path)
-
-
-def run_tflite(path, images, num_threads=None):
-    """Runs an exported TFLite model with the TFLite interpreter.
-
-    Args:
-        path: str. A file written by :func:`export_tflite`.
-        images: uint8 ``(height, width, 3)`` or ``(1, height, width, 3)`` at the
-            exported size.
-        num_threads: int or None.
-
-    Returns:
-        dict of numpy arrays ``labels`` ``(1, h, w)`` and ``probabilities``.
-    """
-    with warnings.catch_warnings():  # tf.lite.Interpreter warns that it moves to LiteRT
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_path=os.fspath(path), num_threads=num_threads)
-    runner = interpreter.get_signature_runner(SIGNATURE)
-    expected = tuple(int(d) for d in runner.get_input_details()["images"]["shape"])
-    images = np.asarray(images)
-    images = images[None] if images.ndim == 3 else images
-    if images.shape != expected or images.dtype != np.uint8:
-        raise ValueError(
-            f"{path}: takes uint8 images of shape {expected}, got {images.dtype} {images.shape}"
-        )
-    return runner(images=images)
 
 
 def export_onnx(model, path, opset=17):

@@ -115,6 +115,8 @@ def as_predictor(model, frozen=True, precision=None):
     resolve_precision(precision)  # a bad value fails here, not at the first image
     if isinstance(model, Predictor):
         if precision is not None and precision != model.precision:
+            if model.model is None:  # a LiteRT file: its precision was set when exported
+                raise ValueError("precision applies to Keras models, not to a LiteRT file")
             return dataclasses.replace(model, precision=precision)
         return model
     static = tuple(model.input_shape[1:3])

@@ -10,13 +10,8 @@ from conftest import randomize_batch_norm, randomize_weights
 
 from pspnet_tf import build_pspnet, rebuild
 from pspnet_tf.cli import main as cli_main
-from pspnet_tf.infer.export import (
-    export_onnx,
-    export_saved_model,
-    export_tflite,
-    run_tflite,
-    saved_model_agreement,
-)
+from pspnet_tf.infer.export import export_onnx, export_saved_model, saved_model_agreement
+from pspnet_tf.infer.litert import export_tflite, run_tflite
 from pspnet_tf.infer.predictor import as_predictor
 
 # Neither is the 64x64 training size; odd sizes exercise the adaptive pooling.
