@@ -12,12 +12,13 @@ One run, on the CPU, with nothing to download:
 5. draws overlays of validation images beside their ground truth, the training curves
    and the confusion matrix (PNG files);
 6. exports a SavedModel, reloads it and checks that it labels an image of another size
-   as the Keras model does;
+   as the Keras model does; exports a full-integer int8 LiteRT model (calibrated on
+   training images) and prints what it costs: mIoU, labels equal to Keras, latency, size;
 7. prints where everything is, and writes ``summary.json``.
 
 Rerunning into the same folder resumes an interrupted run; a finished run is reused
 (its model is evaluated again). The settings below are the library's ordinary options,
-chosen so that the default run finishes in about 10 minutes on 2 cores.
+chosen so that the default run finishes in minutes on 2 cores (README, "The demo").
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     agreement = _export_and_check(
         model, predictor, paths["saved_model"], settings["dataset"]["seed"]
     )
+    _say("[6/7] LiteRT int8 export and what it costs")
+    litert = _litert_int8(model, predictor, paths, val)
     summary = {
         "settings": settings,
         "wall_time_s": round(time.perf_counter() - start, 1),
@@ -130,6 +133,7 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
         "val_pixel_accuracy": {m: r["pixel_accuracy"] for m, r in reports.items()},
         "majority_class_miou": _majority_miou(reports["single"]),
         "saved_model_label_agreement": agreement,
+        "litert_int8": litert,
         "paths": paths,
     }
     write_json(paths["summary"], summary)
@@ -145,6 +149,7 @@ def _paths(output):
         "overlays": join(output, "overlays.png"), "curves": join(output, "curves.png"),
         "confusion": join(output, "confusion_matrix.png"),
         "saved_model": join(output, "saved_model"), "summary": join(output, "summary.json"),
+        "litert": join(output, "model_int8.tflite"),
         "report_single": join(output, "report_single.json"),
         "report_sliding": join(output, "report_sliding.json"),
     }  # fmt: skip
@@ -230,6 +235,26 @@ def _export_and_check(model, predictor, path, seed):
     return agreement
 
 
+def _litert_int8(model, predictor, paths, val):
+    """Exports the int8 LiteRT model at the training size, calibrated on training images;
+    prints and returns :func:`pspnet_tf.infer.evaluation.compare`'s rows (with sizes)."""
+    from pspnet_tf.data.images import read_rgb
+    from pspnet_tf.data.layouts import list_pairs
+    from pspnet_tf.infer.evaluation import compare, format_comparison
+    from pspnet_tf.infer.litert import LiteRTPredictor, export_litert
+    from pspnet_tf.model.network import get_metadata
+
+    size = tuple(get_metadata(model).get("crop_size") or (320, 320))
+    train_images = [read_rgb(image) for image, _ in list_pairs(paths["data"], "voc", "train")]
+    export_litert(model, paths["litert"], size, "int8", calibration=train_images)
+    lite = LiteRTPredictor(paths["litert"])
+    rows = compare({"Keras float32": predictor, "LiteRT int8": lite}, val)
+    files = {"Keras float32": paths["model"], "LiteRT int8": paths["litert"]}
+    sizes = {name: os.path.getsize(path) for name, path in files.items()}
+    print(format_comparison(rows, sizes))
+    return [{**row, "size_bytes": sizes[row["name"]]} for row in rows]
+
+
 def _print_summary(summary):
     s = summary["settings"]
     print("\n== [7/7] demo finished in", f"{summary['wall_time_s']:.0f} s")
@@ -238,7 +263,10 @@ def _print_summary(summary):
         print(f"val mIoU ({mode}): {value:.3f}")
     print(f"majority-class mIoU: {summary['majority_class_miou']:.3f}")
     print(f"SavedModel labels agree with Keras on {summary['saved_model_label_agreement']:.2%}")
+    keras_row, lite = summary["litert_int8"]
+    print(f"LiteRT int8: val mIoU {lite['miou']:.3f} (Keras {keras_row['miou']:.3f}), labels "
+          f"equal to Keras on {lite['agreement']:.2%}")  # fmt: skip
     names = ("data", "run", "model", "report_single", "report_sliding", "overlays", "curves")
-    for name in (*names, "confusion", "saved_model"):
+    for name in (*names, "confusion", "saved_model", "litert"):
         print(f"{name:>12}: {summary['paths'][name]}")
     print(f"{'summary':>12}: {summary['paths']['summary']}")

@@ -43,6 +43,12 @@ def test_quick_demo_writes_valid_outputs(tmp_path):
     labels = served.serving_default(tf.zeros((1, 40, 56, 3), tf.uint8))["labels"]
     assert labels.shape == (1, 40, 56)
     assert os.path.isfile(summary["paths"]["model"])
+    keras_row, lite = summary["litert_int8"]
+    assert (keras_row["name"], lite["name"]) == ("Keras float32", "LiteRT int8")
+    assert keras_row["agreement"] == 1.0 and lite["agreement"] > 0.9, lite
+    assert np.isclose(keras_row["miou"], summary["val_miou"]["single"])  # the same images
+    assert lite["size_bytes"] < 0.5 * keras_row["size_bytes"]
+    assert "LiteRT int8: val mIoU" in result.stdout
     assert "val mIoU (single)" in result.stdout
     # Rerunning into the same folder reuses what is there instead of crashing.
     again = subprocess.run([*command, str(output)], capture_output=True, text=True, timeout=900)

@@ -250,6 +250,8 @@ def _export(args):
         raise UsageError("--quantization and --calibration apply to --format litert only")
     if args.quantization == "int8" and not args.calibration:
         raise UsageError("--quantization int8 needs --calibration DIR (a folder of images)")
+    if args.check and not (litert and args.layout):
+        raise UsageError("--check DATA applies to --format litert and needs --layout")
     _check_positive(args, "input_size", "calibration_images")
     input_size = _height_width(args.input_size, "--input-size")
     check_output(args.output, export.OUTPUT_KINDS[args.format])  # before the model is read
@@ -266,7 +268,25 @@ def _export(args):
     else:
         path = export.export_onnx(model, args.output)
     print(f"wrote {path}")
+    if args.check:
+        print(_accuracy_cost(args, model, path))
     return 0
+
+
+def _accuracy_cost(args, model, path):
+    """The table of :func:`pspnet_tf.infer.evaluation.compare`: the Keras model and the file."""
+    from pspnet_tf.data.pipeline import load_dataset
+    from pspnet_tf.infer.evaluation import compare, format_comparison
+    from pspnet_tf.infer.litert import LiteRTPredictor
+
+    lite = LiteRTPredictor(path)
+    name = f"LiteRT {args.quantization}"
+    data = load_dataset(args.check, args.layout, args.split, lite.num_classes, batch_size=1)
+    rows = compare({"Keras float32": model, name: lite}, data, max_images=args.max_images)
+    sizes = {"Keras float32": os.path.getsize(args.model), name: os.path.getsize(path)}
+    return f"on {rows[0]['num_images']} images of {args.check} ({args.split}):\n" + (
+        format_comparison(rows, sizes)
+    )
 
 
 def _train(args):

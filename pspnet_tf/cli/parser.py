@@ -155,6 +155,14 @@ def build_parser():
     )  # fmt: skip
     p.add_argument("--calibration", help="int8: a folder of images like those it will see")
     p.add_argument("--calibration-images", type=int, help="int8: how many (default 100)")
+    p.add_argument(
+        "--check", metavar="DATA",
+        help="LiteRT: evaluate the Keras model and the file on this dataset's split and print "
+        "mIoU, pixel accuracy, labels equal to Keras, latency and size",
+    )  # fmt: skip
+    p.add_argument("--layout", choices=LAYOUTS, help="--check: the dataset's layout")
+    p.add_argument("--split", default="val", help="--check: the split (default val)")
+    p.add_argument("--max-images", type=int, help="--check: only the first N images")
     _precision_argument(p)
     p.set_defaults(func=commands._export)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -31,6 +32,8 @@ __all__ = [
     "format_report",
     "plot_confusion_matrix",
     "write_json_report",
+    "compare",
+    "format_comparison",
 ]
 
 # Long side at scale 1.0 for multi-scale testing, per dataset (the paper's settings).
@@ -108,6 +111,71 @@ def evaluate(
         settings=settings,
     )
     return report
+
+
+def compare(
+    predictors, dataset, num_classes=None, ignore_label=classes.IGNORE_LABEL, max_images=None
+):
+    """Scores several versions of one model on the same images, single-scale.
+
+    What exporting or quantising costs, where a user sees it: each version's mIoU and pixel
+    accuracy, the fraction of pixels whose label equals the first version's, and its
+    latency per image (the median; the first image, which builds graphs, is not timed).
+
+    Args:
+        predictors: dict ``{name: Keras model or Predictor}`` (e.g. a
+            :class:`pspnet_tf.infer.litert.LiteRTPredictor`); the first is the reference.
+        dataset: as for :func:`evaluate`.
+        num_classes: int or None (the first version's).
+        ignore_label: int. Defaults to 255.
+        max_images: int or None.
+
+    Returns:
+        list of dicts (one per version, in order): ``name``, ``miou``, ``pixel_accuracy``,
+        ``agreement``, ``ms_per_image``, ``num_images``.
+    """
+    versions = {name: as_predictor(model) for name, model in predictors.items()}
+    num_classes = int(num_classes or next(iter(versions.values())).num_classes)
+    confusion = {name: np.zeros((num_classes, num_classes), np.int64) for name in versions}
+    equal, times, pixels, count = dict.fromkeys(versions, 0), {n: [] for n in versions}, 0, 0
+    for image, label in _examples(dataset):
+        if max_images is not None and count >= max_images:
+            break
+        reference = None
+        for name, predictor in versions.items():
+            start = time.perf_counter()
+            scores = predict_scores(predictor, image, "single")
+            if count:
+                times[name].append(time.perf_counter() - start)
+            confusion[name] += _label_confusion(scores, label, num_classes, ignore_label, count)
+            labels = np.argmax(scores, axis=-1)
+            reference = labels if reference is None else reference
+            equal[name] += int((labels == reference).sum())
+        pixels, count = pixels + reference.size, count + 1
+    rows = []
+    for name in versions:
+        scores = scores_from_confusion(confusion[name])
+        rows.append({
+            "name": name, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+            "agreement": equal[name] / max(pixels, 1), "num_images": count,
+            "ms_per_image": 1000 * float(np.median(times[name])) if times[name] else None,
+        })  # fmt: skip
+    return rows
+
+
+def format_comparison(rows, sizes=None):
+    """:func:`compare`'s rows as a table; ``sizes``: ``{name: bytes}`` of each file."""
+    sizes = sizes or {}
+    lines = [f"{'model':<22} {'mIoU %':>7} {'pixel acc %':>11} {'same labels %':>13} "
+             f"{'ms/image':>8} {'size MB':>7}"]  # fmt: skip
+    for row in rows:
+        ms = f"{row['ms_per_image']:.0f}" if row["ms_per_image"] is not None else "-"
+        size = f"{sizes[row['name']] / 2**20:.1f}" if row["name"] in sizes else "-"
+        lines.append(
+            f"{row['name']:<22} {100 * row['miou']:>7.2f} {100 * row['pixel_accuracy']:>11.2f} "
+            f"{100 * row['agreement']:>13.2f} {ms:>8} {size:>7}"
+        )
+    return "\n".join(lines)
 
 
 def _length(dataset):

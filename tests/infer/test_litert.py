@@ -131,15 +131,21 @@ def test_cli_exports_int8_then_predicts_and_evaluates_the_tflite(model, tmp_path
     photos.mkdir()
     for i, image in enumerate(_photos(6, seed=3)):
         Image.fromarray(image).save(photos / f"c{i}.png")
+    data = tmp_path / "voc"
+    _voc(data, _photos(3, seed=4))
     tflite = tmp_path / "model.bin"  # found by its content, not its name
     code = cli_main([
         "export", "--model", str(tmp_path / "m.keras"), "--output", str(tflite),
         "--format", "litert", "--input-size", *map(str, SIZE), "--quantization", "int8",
         "--calibration", str(photos), "--calibration-images", "4",
+        "--check", str(data), "--layout", "voc",
     ])  # fmt: skip
     assert code == 0 and read_litert_metadata(tflite)["calibration_images"] == 4
-    data = tmp_path / "voc"
-    _voc(data, _photos(3, seed=4))
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3].split()[:2] == ["model", "mIoU"]
+    keras_row, lite_row = table[-2].split(), table[-1].split()
+    assert keras_row[:2] == ["Keras", "float32"] and keras_row[4] == "100.00"  # its own labels
+    assert lite_row[:2] == ["LiteRT", "int8"] and float(lite_row[4]) > 95, table
     report = tmp_path / "report.json"
     args = ["--model", str(tflite), "--threads", "1"]
     assert cli_main(["evaluate", *args, "--data", str(data), "--layout", "voc",
