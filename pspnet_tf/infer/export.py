@@ -1,4 +1,4 @@
-"""Export for serving: SavedModel for any image size, TFLite for a fixed size, optional ONNX.
+"""Export for serving: a SavedModel for any image size, and ONNX (LiteRT: ``litert``).
 
 Every export takes ``uint8`` RGB images, normalises them inside the graph (the
 model's own preprocessing layer) and returns two outputs:

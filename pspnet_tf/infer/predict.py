@@ -1,4 +1,4 @@
-"""Prediction and visualisation: labels of an image, a folder or a video; colours, overlays.
+"""Prediction on an image, files, folders or a video, written as label PNGs, masks, overlays.
 
 :func:`predict_image` is the one-call API for a numpy image of any size::
 
