@@ -120,11 +120,11 @@ def run_demo(output="pspnet_demo", quick=False, verbose=1):
     plot_confusion_matrix(reports["single"], paths["confusion"])
     _plot_overlays(predictor, val, paths["overlays"])
     _plot_curves(os.path.join(paths["run"], "history.csv"), paths["curves"])
-    _say("[6/7] SavedModel export and reload check")
+    _say("[6/7] exports: SavedModel, reloaded and checked")
     agreement = _export_and_check(
         model, predictor, paths["saved_model"], settings["dataset"]["seed"]
     )
-    _say("[6/7] LiteRT int8 export and what it costs")
+    _say("[6/7] exports: LiteRT int8, and what it costs")
     litert = _litert_int8(model, predictor, paths, val)
     summary = {
         "settings": settings,
