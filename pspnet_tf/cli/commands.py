@@ -263,7 +263,7 @@ def _export(args):
 
         path = export_litert(
             model, args.output, input_size, args.quantization,
-            calibration=args.calibration, calibration_images=args.calibration_images,
+            calibration=_calibration(args), calibration_images=args.calibration_images,
         )  # fmt: skip
     else:
         path = export.export_onnx(model, args.output)
@@ -271,6 +271,21 @@ def _export(args):
     if args.check:
         print(_accuracy_cost(args, model, path))
     return 0
+
+
+def _calibration(args):
+    """--calibration: a folder of images, else (with --layout) a dataset's split."""
+    from pspnet_tf.data.images import read_rgb
+    from pspnet_tf.data.layouts import list_pairs
+    from pspnet_tf.infer.predict import list_images
+
+    folder = args.calibration
+    if not folder or not args.layout or not os.path.isdir(folder) or list_images(folder):
+        return folder
+
+    pairs = list_pairs(args.calibration, args.layout, args.calibration_split)
+    count = args.calibration_images or 100
+    return [read_rgb(image) for image, _ in pairs[:count]]
 
 
 def _accuracy_cost(args, model, path):

@@ -153,14 +153,19 @@ def build_parser():
         help="LiteRT: float16 or int8 weights (dynamic), or full-integer int8 (needs "
         "--calibration)",
     )  # fmt: skip
-    p.add_argument("--calibration", help="int8: a folder of images like those it will see")
+    p.add_argument(
+        "--calibration", metavar="DIR",
+        help="int8: a folder of images like those it will see, or with --layout a dataset "
+        "(its --calibration-split, default train)",
+    )  # fmt: skip
+    p.add_argument("--calibration-split", default="train", help="int8: the dataset's split")
     p.add_argument("--calibration-images", type=int, help="int8: how many (default 100)")
     p.add_argument(
         "--check", metavar="DATA",
         help="LiteRT: evaluate the Keras model and the file on this dataset's split and print "
         "mIoU, pixel accuracy, labels equal to Keras, latency and size",
     )  # fmt: skip
-    p.add_argument("--layout", choices=LAYOUTS, help="--check: the dataset's layout")
+    p.add_argument("--layout", choices=LAYOUTS, help="--calibration/--check: the dataset layout")
     p.add_argument("--split", default="val", help="--check: the split (default val)")
     p.add_argument("--max-images", type=int, help="--check: only the first N images")
     _precision_argument(p)

@@ -161,6 +161,21 @@ def test_cli_exports_int8_then_predicts_and_evaluates_the_tflite(model, tmp_path
     assert "wrote 18 files" in capsys.readouterr().out
 
 
+def test_cli_calibrates_int8_on_a_dataset_split(model, tmp_path):
+    model.save(tmp_path / "m.keras")
+    data = tmp_path / "voc"
+    _voc(data, _photos(5, seed=5))
+    (data / "ImageSets/Segmentation/train.txt").write_text("p0\np1\np2\n")
+    tflite = tmp_path / "m.tflite"
+    code = cli_main([
+        "export", "--model", str(tmp_path / "m.keras"), "--output", str(tflite),
+        "--format", "litert", "--input-size", *map(str, SIZE), "--quantization", "int8",
+        "--calibration", str(data), "--layout", "voc",
+    ])  # fmt: skip
+    assert code == 0 and read_litert_metadata(tflite)["calibration_images"] == 3  # train's
+    assert _agreement(tflite, _photos(4, seed=6)) > 0.95
+
+
 def test_cli_refuses_int8_without_calibration_and_quantization_elsewhere(tmp_path, capsys):
     model = str(tmp_path / "unread.keras")  # never read: the flags are refused first
     out = str(tmp_path / "m.tflite")
