@@ -35,6 +35,7 @@ _API = {
     "export_litert": "pspnet_tf.infer.litert",
     "export_tflite": "pspnet_tf.infer.litert",
     "LiteRTPredictor": "pspnet_tf.infer.litert",
+    "OnnxPredictor": "pspnet_tf.infer.onnx_model",
     "export_onnx": "pspnet_tf.infer.export",
     "load_saved_model": "pspnet_tf.infer.export",
     "run_demo": "pspnet_tf.demo",

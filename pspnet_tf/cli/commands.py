@@ -68,7 +68,8 @@ def _load_model(path, litert=False, threads=2):
     """Loads the ``--model`` of evaluate, predict and export.
 
     With ``litert`` (evaluate, predict), a TFLite file (by content) becomes a
-    :class:`pspnet_tf.infer.litert.LiteRTPredictor` running ``threads`` threads.
+    :class:`pspnet_tf.infer.litert.LiteRTPredictor`, and an ONNX file an
+    :class:`pspnet_tf.infer.onnx_model.OnnxPredictor`, running ``threads`` threads.
 
     Raises:
         FileNotFoundError: no such file.
@@ -90,6 +91,10 @@ def _load_model(path, litert=False, threads=2):
 
         if is_litert_file(path):  # by content, whatever the name
             return LiteRTPredictor(path, threads=threads)
+        from pspnet_tf.infer.onnx_model import OnnxPredictor, is_onnx_file
+
+        if is_onnx_file(path):
+            return OnnxPredictor(path, threads=threads)
     unreadable = f"model {path!r}: not a readable .keras file (truncated or not a Keras model)"
     # Keras answers "File not found" for a file that is there but not a zip.
     if path.endswith(".keras") and not zipfile.is_zipfile(path):

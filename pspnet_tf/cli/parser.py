@@ -20,7 +20,7 @@ def _precision_argument(parser, default_text="the model's own"):
 
 def _threads_argument(parser):
     parser.add_argument(
-        "--threads", type=int, default=2, help="LiteRT interpreter threads (a .tflite --model)"
+        "--threads", type=int, default=2, help="threads of a .tflite or .onnx --model"
     )
 
 
@@ -88,7 +88,7 @@ def build_parser():
     benchmark.add_arguments(p)
     p.set_defaults(func=commands._benchmark)
     p = sub.add_parser("evaluate", help="mIoU, pixel accuracy and per-class IoU on a dataset")
-    p.add_argument("--model", required=True, help=".keras or .tflite model file")
+    p.add_argument("--model", required=True, help=".keras, .tflite or .onnx model file")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--layout", required=True, choices=LAYOUTS)
     p.add_argument("--split", default="val")
@@ -114,7 +114,7 @@ def build_parser():
     p.set_defaults(func=commands._evaluate)
 
     p = sub.add_parser("predict", help="label PNGs, coloured masks and overlays of images/video")
-    p.add_argument("--model", required=True, help=".keras model file")
+    p.add_argument("--model", required=True, help=".keras, .tflite or .onnx model file")
     p.add_argument(
         "--input", required=True, nargs="+",
         help="images and folders of images, or one video",

@@ -218,20 +218,30 @@ def export_onnx(model, path, opset=17):
 
     Returns:
         ``path``. Input ``images`` uint8 ``(batch, height, width, 3)``; outputs
-        ``labels`` and ``probabilities`` (ONNX runtimes may list them in another
-        order: fetch them by name).
+        ``labels``, ``probabilities`` and ``logits`` (ONNX runtimes may list them in
+        another order: fetch them by name). The model's metadata (class names, palette,
+        pad value, crop size) is in the file's metadata under ``pspnet_tf`` (JSON), which
+        :class:`pspnet_tf.infer.onnx_model.OnnxPredictor` reads.
     """
     try:
+        import onnx
         import tf2onnx
     except ImportError as error:
         raise ImportError("ONNX export needs tf2onnx: pip install 'pspnet_tf[onnx]'") from error
     files.check_output(path, OUTPUT_KINDS["onnx"])
+    serving = serving_model(model)
     signature = [tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
-    serve = tf.function(serving_function(serving_model(model)), input_signature=signature)
+    serve = tf.function(serving_function(serving, logits=True), input_signature=signature)
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset)
+    predictor = as_predictor(serving)
+    metadata = json.loads(_metadata_json(serving))
+    metadata.update(
+        pad_value=[float(v) for v in predictor.pad_value],
+        crop_size=list(predictor.crop_size) if predictor.crop_size else None,
+    )
+    onnx.helper.set_model_props(proto, {"pspnet_tf": json.dumps(metadata)})
     with atomic_path(path, OUTPUT_KINDS["onnx"]) as temporary:
-        tf2onnx.convert.from_function(
-            serve, input_signature=signature, opset=opset, output_path=temporary
-        )
+        onnx.save(proto, temporary)
     return os.fspath(path)
 
 
