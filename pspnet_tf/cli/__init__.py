@@ -40,7 +40,8 @@ def _quiet_tensorflow():
 
     ``TF_CPP_MIN_LOG_LEVEL`` (unless the user set it) quiets the later ones; the first
     lines come from C++ before logging is set up, so file descriptor 2 goes to a
-    temporary file while TensorFlow loads (replayed if the import fails).
+    temporary file while TensorFlow and Keras load and TensorFlow finds its devices (where
+    a CUDA build finds no driver it says so then), replayed if that fails.
     """
     import tempfile
 
@@ -52,7 +53,10 @@ def _quiet_tensorflow():
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            import keras  # noqa: F401  (loads more of TensorFlow, which speaks again)
+            import tensorflow
+
+            tensorflow.config.list_physical_devices()
         except BaseException:
             os.dup2(saved, 2)
             sink.seek(0)
