@@ -28,7 +28,7 @@ from pspnet_tf import files
 from pspnet_tf.data.images import UnreadableImage, read_rgb
 from pspnet_tf.infer import export
 from pspnet_tf.infer.modes import pad_image, resize
-from pspnet_tf.infer.predictor import Predictor, as_predictor
+from pspnet_tf.infer.predictor import Predictor, mean_pixel
 from pspnet_tf.model.network import get_metadata
 from pspnet_tf.options import LITERT_QUANTIZATIONS
 
@@ -73,7 +73,7 @@ def export_litert(
         raise ValueError(f"input_size must be a positive int or (height, width), got {input_size}")
     files.check_output(path, export.OUTPUT_KINDS["tflite"])
     fixed = export.fixed_size_model(model, size)
-    pad_value = as_predictor(fixed).pad_value
+    pad_value = mean_pixel(fixed)  # no rebuild: read off its preprocessing layer
     samples = None
     if quantization == "int8":
         samples = calibration_samples(calibration, size, pad_value, calibration_images)

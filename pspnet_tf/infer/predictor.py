@@ -125,7 +125,7 @@ def as_predictor(model, frozen=True, precision=None):
     return Predictor(
         model=model,
         num_classes=int(model.output_shape[-1]),
-        pad_value=_mean_pixel(model),
+        pad_value=mean_pixel(model),
         input_size=tuple(model.input_shape[1:3]) if None not in model.input_shape[1:3] else None,
         crop_size=static if is_static else _trained_crop(metadata),
         class_names=metadata.get("class_names"),
@@ -163,7 +163,7 @@ def _trained_crop(metadata):
     return tuple(int(c) for c in crop) if crop else None
 
 
-def _mean_pixel(model):
+def mean_pixel(model):
     """The RGB 0-255 pixel that the model's preprocessing layer maps to 0."""
     try:
         layer = model.get_layer(PREPROCESSING_LAYER)
